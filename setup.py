@@ -1,0 +1,34 @@
+"""vaopd: Visual-Advantage On-Policy Distillation for vision-language models.
+
+`kernels/` is installed as the sub-package `vaopd.kernels`, never as a top-level `kernels`
+module: that name belongs to a Hugging Face package that transformers probes for.
+"""
+from setuptools import setup
+
+setup(
+    name="vaopd",
+    version="0.1.0",
+    description="Kernel-backed trainer and fused loss for Visual-Advantage On-Policy Distillation",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["vaopd", "vaopd.kernels"],
+    package_dir={"vaopd": "vaopd", "vaopd.kernels": "kernels"},
+    install_requires=[
+        "torch>=2.11,<2.14",
+        "triton>=3.6,<3.8",
+        "transformers>=5.17,<6",
+        "liger-kernel>=0.8.5",
+        "numpy",
+        "pillow",
+        "pyyaml",
+        "safetensors",
+        "tqdm",
+    ],
+    extras_require={
+        "gpu": ["flash-attn"],
+        "dev": ["pytest", "pytest-benchmark>=5.2"],
+        "tensorboard": ["tensorboard"],
+        "wandb": ["wandb"],
+    },
+)

@@ -1,0 +1,257 @@
+"""The VA-OPD objective on per-token tensors: visual advantage, rollout weights, token coefficients.
+
+Nothing here has a vocabulary dimension: every function takes ``[B, T]`` per-token tensors (B
+responses, T positions) and a ``[B]`` group id per response, and is vectorised over the batch
+(no Python loop over responses or tokens). See ``docs/objective.md`` for the math.
+
+Conventions shared by every function:
+
+- ``mask`` is ``[B, T]`` and boolean-like (``bool``, or an integer/float tensor holding only 0 and
+  1); True marks a valid token of a response (generated tokens up to and including the first EOS).
+- ``group_ids`` is an int64 ``[B]`` tensor; responses with equal ids are siblings (the samples of
+  one prompt).
+- Outputs are fp32, detached, and exactly zero outside ``mask``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = [
+    "visual_advantage",
+    "rollout_weights",
+    "token_coefficients",
+    "opd_coefficients",
+    "loss_coefficients",
+]
+
+_METHODS = ("va_opd", "opd")
+
+
+def _as_mask(mask: torch.Tensor, like: torch.Tensor | None = None, name: str = "mask") -> torch.Tensor:
+    """Validate a boolean-like ``[B, T]`` mask and return it as ``torch.bool``."""
+    if not isinstance(mask, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(mask).__name__}")
+    if mask.dim() != 2:
+        raise ValueError(f"{name} must have shape [B, T], got {tuple(mask.shape)}")
+    if like is not None and mask.shape != like.shape:
+        raise ValueError(f"{name} has shape {tuple(mask.shape)} but the per-token values have shape {tuple(like.shape)}")
+    if mask.dtype == torch.bool:
+        return mask
+    if mask.dtype.is_complex or not ((mask == 0) | (mask == 1)).all():
+        raise ValueError(f"{name} must be boolean-like (bool, or only 0 and 1 values), got dtype {mask.dtype} with other values")
+    return mask != 0
+
+
+def _check_values(x: torch.Tensor, name: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.dtype.is_floating_point:
+        raise ValueError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    if x.dim() != 2:
+        raise ValueError(f"{name} must have shape [B, T], got {tuple(x.shape)}")
+
+
+def _lengths(mask: torch.Tensor) -> torch.Tensor:
+    """Valid-token count per response; an empty response is an error (SPEC: it has no mean VA)."""
+    lengths = mask.sum(dim=1)
+    if (lengths == 0).any():
+        empty = torch.nonzero(lengths == 0).flatten().tolist()
+        raise ValueError(f"empty response(s) at batch index {empty[:8]}: every response needs at least one valid token in mask")
+    return lengths
+
+
+def _group_index(group_ids: torch.Tensor, batch: int) -> tuple[torch.Tensor, int]:
+    """Map arbitrary int64 group ids to dense indices ``0..G-1``; returns (index [B], G)."""
+    if not isinstance(group_ids, torch.Tensor):
+        raise ValueError(f"group_ids must be a torch.Tensor, got {type(group_ids).__name__}")
+    if group_ids.dtype != torch.int64:
+        raise ValueError(f"group_ids must be an int64 tensor, got dtype {group_ids.dtype}")
+    if group_ids.shape != (batch,):
+        raise ValueError(f"group_ids must have shape [B] = [{batch}] (one group id per response), got {tuple(group_ids.shape)}")
+    unique, index = torch.unique(group_ids, return_inverse=True)
+    return index, unique.numel()
+
+
+def _group_sum(values: torch.Tensor, index: torch.Tensor, groups: int) -> torch.Tensor:
+    return torch.zeros(groups, dtype=values.dtype, device=values.device).index_add_(0, index, values)
+
+
+def visual_advantage(logp_clean: torch.Tensor, logp_ablated: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-token visual advantage ``a_t = max(logp_clean - logp_ablated, 0)``.
+
+    Args:
+        logp_clean: ``[B, T]`` float, teacher log-prob of the sampled token with the original image.
+        logp_ablated: ``[B, T]`` float, the same with the ablated (e.g. pixelated) image.
+        mask: ``[B, T]`` boolean-like valid-token mask.
+
+    Returns:
+        ``[B, T]`` fp32, detached, zero outside ``mask``. Values outside the mask (NaN padding
+        included) are ignored; a non-finite value inside it raises ``ValueError``.
+    """
+    _check_values(logp_clean, "logp_clean")
+    _check_values(logp_ablated, "logp_ablated")
+    if logp_clean.shape != logp_ablated.shape:
+        raise ValueError(f"logp_clean {tuple(logp_clean.shape)} and logp_ablated {tuple(logp_ablated.shape)} must have the same shape")
+    mask = _as_mask(mask, logp_clean)
+    clean = logp_clean.detach().float()
+    ablated = logp_ablated.detach().float()
+    for name, x in (("logp_clean", clean), ("logp_ablated", ablated)):
+        bad = mask & ~torch.isfinite(x)
+        if bad.any():
+            where = torch.nonzero(bad)[0].tolist()
+            raise ValueError(f"{name} has a non-finite value inside mask (first at [b, t] = {where})")
+    diff = (clean - ablated).clamp_min(0.0)
+    return torch.where(mask, diff, torch.zeros((), dtype=diff.dtype, device=diff.device))
+
+
+def rollout_weights(
+    va: torch.Tensor,
+    mask: torch.Tensor,
+    group_ids: torch.Tensor,
+    temperature: float = 1.0,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """Per-response weight from the response's mean VA relative to its siblings.
+
+    ``m_k = mean_t a_t`` over valid tokens; within each group ``z_k = (m_k - mean(m)) /
+    (std(m) + eps)`` with the population std (divide by K); ``w = softmax(z / temperature)``.
+    Equal means and singleton groups give uniform weights; each group's weights sum to 1.
+
+    Args:
+        va: ``[B, T]`` float visual advantage (values outside ``mask`` are ignored).
+        mask: ``[B, T]`` boolean-like valid-token mask; every row needs a valid token.
+        group_ids: ``[B]`` int64 sibling-group id per response.
+        temperature: softmax temperature ``tau > 0``.
+        eps: added to the std, ``>= 0``.
+
+    Returns:
+        ``[B]`` fp32 weights, detached.
+    """
+    _check_values(va, "va")
+    mask = _as_mask(mask, va)
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    index, groups = _group_index(group_ids, va.shape[0])
+    lengths = _lengths(mask)
+    values = torch.where(mask, va.detach().float(), torch.zeros((), device=va.device))
+    means = values.sum(dim=1) / lengths
+    count = _group_sum(torch.ones_like(means), index, groups)
+    group_mean = (_group_sum(means, index, groups) / count)[index]
+    deviation = means - group_mean
+    std = torch.sqrt(_group_sum(deviation * deviation, index, groups) / count)[index]
+    z = deviation / (std + eps) / temperature
+    # Equal means give deviation 0 and, with eps == 0, 0/0: define z = 0 (uniform weights).
+    z = torch.where(deviation == 0, torch.zeros_like(z), z)
+    group_max = torch.full((groups,), -math.inf, device=z.device).scatter_reduce(0, index, z, reduce="amax")
+    e = torch.exp(z - group_max[index])
+    return e / _group_sum(e, index, groups)[index]
+
+
+def token_coefficients(
+    va: torch.Tensor,
+    mask: torch.Tensor,
+    weights: torch.Tensor,
+    high_fraction: float = 0.2,
+    high_weight: float = 0.5,
+) -> torch.Tensor:
+    """Per-token loss coefficient from the high/low VA split inside each response.
+
+    In a response of ``L`` valid tokens the high group is the ``max(1, ceil(high_fraction * L))``
+    tokens with the largest VA (ties go to the earlier position); the low group is the rest.
+    ``c_t = w * high_weight / |high|`` in the high group, ``w * (1 - high_weight) / |low|`` in
+    the low group, and ``w / |high|`` when the low group is empty. Each row sums to ``w``.
+
+    Args:
+        va: ``[B, T]`` float visual advantage (values outside ``mask`` are ignored).
+        mask: ``[B, T]`` boolean-like valid-token mask; every row needs a valid token.
+        weights: ``[B]`` float rollout weights.
+        high_fraction: share of tokens in the high group, in ``(0, 1]``.
+        high_weight: share of the response's weight given to the high group, in ``[0, 1]``.
+
+    Returns:
+        ``[B, T]`` fp32 coefficients, detached, zero outside ``mask``.
+    """
+    _check_values(va, "va")
+    mask = _as_mask(mask, va)
+    if not isinstance(weights, torch.Tensor) or not weights.dtype.is_floating_point:
+        raise ValueError("weights must be a floating-point torch.Tensor of shape [B]")
+    if weights.shape != (va.shape[0],):
+        raise ValueError(f"weights must have shape [B] = [{va.shape[0]}], got {tuple(weights.shape)}")
+    if not (isinstance(high_fraction, (int, float)) and 0 < high_fraction <= 1):
+        raise ValueError(f"high_fraction must be in (0, 1], got {high_fraction!r}")
+    if not (isinstance(high_weight, (int, float)) and 0 <= high_weight <= 1):
+        raise ValueError(f"high_weight must be in [0, 1], got {high_weight!r}")
+    lengths = _lengths(mask)
+    # ceil(0.2 * 15) must be 3, not 4: shave float noise off the product before the ceiling.
+    n_high = torch.ceil(lengths.double() * high_fraction - 1e-9).clamp_min(1).to(lengths.dtype)
+    n_low = lengths - n_high
+    # Rank valid tokens by VA, largest first; a stable sort keeps the earlier position first among ties.
+    key = torch.where(mask, va.detach().float(), torch.full((), -math.inf, device=va.device))
+    order = torch.sort(key, dim=1, descending=True, stable=True).indices
+    positions = torch.arange(va.shape[1], device=va.device).expand_as(order)
+    rank = torch.empty_like(order).scatter_(1, order, positions)
+    high = mask & (rank < n_high[:, None])
+    low = mask & ~high
+    w = weights.detach().float()
+    has_low = n_low > 0
+    high_share = torch.where(has_low, torch.full_like(w, high_weight), torch.ones_like(w))
+    c_high = w * high_share / n_high
+    c_low = w * (1.0 - high_weight) / n_low.clamp_min(1)
+    zero = torch.zeros((), device=va.device)
+    return torch.where(high, c_high[:, None], torch.where(low, c_low[:, None], zero))
+
+
+def opd_coefficients(mask: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+    """Standard OPD coefficients: ``1 / (K_g * L_b)`` per valid token.
+
+    Args:
+        mask: ``[B, T]`` boolean-like valid-token mask; every row needs a valid token.
+        group_ids: ``[B]`` int64 sibling-group id per response (``K_g`` is the group's size).
+
+    Returns:
+        ``[B, T]`` fp32, zero outside ``mask``; each response sums to ``1 / K_g``, each group to 1.
+    """
+    mask = _as_mask(mask)
+    index, groups = _group_index(group_ids, mask.shape[0])
+    lengths = _lengths(mask).float()
+    k = _group_sum(torch.ones_like(lengths), index, groups)[index]
+    return mask.float() / (k * lengths)[:, None]
+
+
+def loss_coefficients(
+    method: str,
+    va: torch.Tensor,
+    mask: torch.Tensor,
+    group_ids: torch.Tensor,
+    temperature: float = 1.0,
+    high_fraction: float = 0.2,
+    high_weight: float = 0.5,
+) -> torch.Tensor:
+    """The per-token coefficient ``c_t`` of the loss for ``method`` ("va_opd" or "opd").
+
+    Unlike the functions above, fully masked rows are allowed (padding rows of a micro-batch):
+    they are left out of every group statistic and get zero coefficients.
+
+    Returns:
+        ``[B, T]`` fp32 coefficients, detached, zero outside ``mask``.
+    """
+    if method not in _METHODS:
+        raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
+    mask = _as_mask(mask)
+    coef = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+    rows = mask.any(dim=1)
+    if not rows.any():
+        return coef
+    _group_index(group_ids, mask.shape[0])  # validates before sub-setting
+    sub_mask, sub_groups = mask[rows], group_ids[rows]
+    if method == "opd":
+        coef[rows] = opd_coefficients(sub_mask, sub_groups)
+    else:
+        sub_va = va[rows]
+        weights = rollout_weights(sub_va, sub_mask, sub_groups, temperature=temperature)
+        coef[rows] = token_coefficients(sub_va, sub_mask, weights, high_fraction, high_weight)
+    return coef
