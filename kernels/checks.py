@@ -23,16 +23,17 @@ class LossInputs:
     num_prompts: int
 
 
-def check_float(x: torch.Tensor, name: str, dims: int) -> None:
+def check_float(x: torch.Tensor, name: str, dims: int | None) -> None:
+    """A floating-point tensor with ``dims`` dimensions (None: at least one)."""
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if not x.dtype.is_floating_point:
         raise ValueError(f"{name} must be a floating-point tensor (fp32, bf16 or fp16), got dtype {x.dtype}")
-    if x.dim() != dims:
-        raise ValueError(f"{name} must have {dims} dimensions, got shape {tuple(x.shape)}")
+    if (dims is None and x.dim() < 1) or (dims is not None and x.dim() != dims):
+        raise ValueError(f"{name} must have {dims or 'at least 1'} dimensions, got shape {tuple(x.shape)}")
 
 
-def check_linear(hidden: torch.Tensor, weight: torch.Tensor, hidden_name: str, weight_name: str, hidden_dims: int) -> None:
+def check_linear(hidden: torch.Tensor, weight: torch.Tensor, hidden_name: str, weight_name: str, hidden_dims: int | None) -> None:
     """``hidden [..., D]`` and an LM-head ``weight [V, D]`` that can be multiplied together."""
     check_float(hidden, hidden_name, hidden_dims)
     check_float(weight, weight_name, 2)
