@@ -42,11 +42,11 @@ def _lse_gather_kernel(X, stride_x, TOK, LSE, LOGP, V, BLOCK: tl.constexpr):
         m_new = tl.maximum(m, tl.max(x, axis=0))
         d = d * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
         m = m_new
-    lse = m + tl.log(d)
+    log_d = tl.log(d)
     tok = tl.load(TOK + row)
     x_tok = tl.load(x_ptr + tok).to(tl.float32)
-    tl.store(LSE + row, lse)
-    tl.store(LOGP + row, x_tok - lse)
+    tl.store(LSE + row, m + log_d)
+    tl.store(LOGP + row, (x_tok - m) - log_d)
 
 
 @triton.jit
@@ -74,8 +74,10 @@ def _reverse_kl_kernel(
 ):
     """KL[r] = sum_v pS (log pS - log pT) over v < V, from student logits S and teacher logits T.
 
-    Sweep 1 keeps running maxima and sums for both log-sum-exps and for
-    ``u = sum exp(s - m_s) (s - t)``, so ``KL = u / d_s - lse_s + lse_t`` without a second read.
+    Sweep 1 keeps running maxima ``m`` and sums ``d`` for both log-sum-exps and
+    ``u = sum exp(s - m_s) ((s - m_s) - (t - m_t))``, so ``KL = u / d_s - log d_s + log d_t``
+    without a second read. Measuring from the running maxima keeps the bracket small where
+    ``pS`` is large, which the gradient's accuracy depends on.
     With HAS_TOK, LOGP[r] = S[r, TOK[r]] - lse_s (read before sweep 2 overwrites S).
     With WRITE_GRAD, sweep 2 writes dKL/ds = pS (log pS - log pT - KL) over S in place.
     """
@@ -95,28 +97,32 @@ def _reverse_kl_kernel(
         s = tl.load(s_ptr + cols, mask=valid, other=float("-inf")).to(tl.float32)
         t = tl.load(t_ptr + cols, mask=valid, other=float("-inf")).to(tl.float32)
         m_s_new = tl.maximum(m_s, tl.max(s, axis=0))
+        m_t_new = tl.maximum(m_t, tl.max(t, axis=0))
         alpha = tl.exp(m_s - m_s_new)
         e_s = tl.exp(s - m_s_new)
+        # Moving the maxima shifts every earlier bracket by the same amount (0 on the first block).
+        shift = tl.where(d_s > 0, (m_s - m_s_new) - (m_t - m_t_new), 0.0)
+        bracket = tl.where(valid, (s - m_s_new) - (t - m_t_new), 0.0)
+        u = alpha * (u + d_s * shift) + tl.sum(e_s * bracket, axis=0)
         d_s = d_s * alpha + tl.sum(e_s, axis=0)
-        u = u * alpha + tl.sum(tl.where(valid, e_s * (s - t), 0.0), axis=0)
-        m_t_new = tl.maximum(m_t, tl.max(t, axis=0))
         d_t = d_t * tl.exp(m_t - m_t_new) + tl.sum(tl.exp(t - m_t_new), axis=0)
         m_s = m_s_new
         m_t = m_t_new
-    lse_s = m_s + tl.log(d_s)
-    lse_t = m_t + tl.log(d_t)
-    kl = u / d_s - lse_s + lse_t
+    # log p = (x - m) - log d keeps the small terms apart from the large max (as log_softmax does).
+    log_d_s = tl.log(d_s)
+    log_d_t = tl.log(d_t)
+    kl = u / d_s - log_d_s + log_d_t
     tl.store(KL + row, kl)
     if HAS_TOK:
-        tl.store(LOGP + row, s_tok - lse_s)
+        tl.store(LOGP + row, (s_tok - m_s) - log_d_s)
     if WRITE_GRAD:
         for start in range(0, V, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             valid = cols < V
             s = tl.load(s_ptr + cols, mask=valid, other=0.0).to(tl.float32)
             t = tl.load(t_ptr + cols, mask=valid, other=0.0).to(tl.float32)
-            log_ps = s - lse_s
-            g = tl.exp(log_ps) * (log_ps - (t - lse_t) - kl)
+            log_ps = (s - m_s) - log_d_s
+            g = tl.exp(log_ps) * (log_ps - ((t - m_t) - log_d_t) - kl)
             tl.store(s_ptr + cols, g.to(S.dtype.element_ty), mask=valid)
 
 

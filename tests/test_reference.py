@@ -4,23 +4,7 @@ import torch
 from vaopd.kernels import va_opd_loss_reference
 from vaopd.objective import loss_coefficients
 
-
-def make_inputs(b=4, t=7, ds=8, dt=12, v=19, vs=None, vt=None, groups=None, dtype=torch.float32, seed=0):
-    """Random loss inputs; LM heads may be wider than the vocabulary ``v``."""
-    g = torch.Generator().manual_seed(seed)
-    vs, vt = vs or v, vt or v
-    mask = torch.rand(b, t, generator=g) > 0.3
-    mask[:, 0] = True
-    return dict(
-        student_hidden=torch.randn(b, t, ds, generator=g).to(dtype).requires_grad_(),
-        student_weight=torch.randn(vs, ds, generator=g).to(dtype).requires_grad_(),
-        teacher_hidden=torch.randn(b, t, dt, generator=g).to(dtype),
-        teacher_ablated_hidden=torch.randn(b, t, dt, generator=g).to(dtype),
-        teacher_weight=torch.randn(vt, dt, generator=g).to(dtype),
-        tokens=torch.randint(0, v, (b, t), generator=g),
-        mask=mask,
-        group_ids=torch.arange(b) // 2 if groups is None else groups,
-    )
+from helpers import make_inputs
 
 
 def test_two_token_vocabulary_kl_is_analytic():
