@@ -1,0 +1,175 @@
+"""Image + question + answer records: local JSONL/parquet files or the tiny generated data set.
+
+File records follow Geometry3K (``images`` a list of ``{"bytes", "path"}``, ``problem``,
+``answer``) or ViRL39K (``image`` a list of paths, ``question``, ``answer``); the keys are
+configurable. An image may be a path (relative to ``image_root`` or the data file's folder), raw
+bytes, a ``{"bytes", "path"}`` dict, or a one-element list of those. Every image is decoded at
+load time, so a missing or corrupt image fails before training starts, with an error naming the
+record (or, with ``skip_bad_records``, the record is skipped and counted).
+
+The order of prompts is a pure function of the seed and the position: epoch ``e`` is a seeded
+permutation of the records, and the prompts of optimizer step ``s`` are positions
+``[s * P, (s + 1) * P)`` of the concatenated epochs. Resuming needs only the step.
+"""
+from __future__ import annotations
+
+import io
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+
+__all__ = ["DataError", "Record", "Dataset", "load_records", "tiny_records", "step_indices"]
+
+
+class DataError(ValueError):
+    """A bad data file or record; the message names the record."""
+
+
+@dataclass
+class Record:
+    """One prompt: ``image`` is a decoded RGB PIL image."""
+
+    id: str
+    image: Image.Image
+    question: str
+    answer: str
+
+
+@dataclass
+class Dataset:
+    records: list[Record]
+    skipped: int = 0  # bad records left out (skip_bad_records)
+    source: str = ""
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+
+_COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40)}
+
+
+def tiny_records(n: int, seed: int) -> list[Record]:
+    """``n`` generated counting problems: 64x64 images with 1 to 5 coloured squares."""
+    rng = random.Random(seed)
+    records = []
+    for i in range(n):
+        count = rng.randint(1, 5)
+        color = rng.choice(sorted(_COLORS))
+        image = Image.new("RGB", (64, 64), (250, 250, 250))
+        draw = ImageDraw.Draw(image)
+        cells = rng.sample(range(16), count)  # a 4x4 grid of 16-pixel cells, one square per cell
+        for cell in cells:
+            r, c = divmod(cell, 4)
+            x, y = c * 16 + rng.randint(1, 4), r * 16 + rng.randint(1, 4)
+            draw.rectangle([x, y, x + 10, y + 10], fill=_COLORS[color])
+        question = f"How many {color} squares are in the image?"
+        records.append(Record(id=f"tiny-{seed}-{i}", image=image, question=question, answer=str(count)))
+    return records
+
+
+def _image_bytes(value, base: Path) -> bytes:
+    """The encoded bytes of an image field value (path, bytes, dict or one-element list)."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != 1:
+            raise ValueError(f"expected exactly one image, got {len(value)}")
+        value = value[0]
+    if isinstance(value, dict):
+        if value.get("bytes"):
+            value = value["bytes"]
+        elif value.get("path"):
+            value = value["path"]
+        else:
+            raise ValueError("image dict has neither 'bytes' nor 'path'")
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    if isinstance(value, str):
+        path = Path(value)
+        if not path.is_absolute():
+            path = base / path
+        if not path.is_file():
+            raise ValueError(f"image file not found: {path}")
+        return path.read_bytes()
+    raise ValueError(f"unsupported image value of type {type(value).__name__}")
+
+
+def _decode(data: bytes) -> Image.Image:
+    with Image.open(io.BytesIO(data)) as im:
+        im.load()
+        return im.convert("RGB")
+
+
+def _read_rows(path: Path) -> list[dict]:
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        text = path.read_text(encoding="utf-8")
+        if suffix == ".json":
+            rows = json.loads(text)
+            if not isinstance(rows, list):
+                raise DataError(f"{path}: a .json data file must hold a list of records")
+            return rows
+        rows = []
+        for n, line in enumerate(text.splitlines()):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}: line {n + 1} is not valid JSON ({e})") from None
+        return rows
+    if suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise DataError(f"{path}: reading parquet needs pyarrow (pip install 'vaopd[parquet]')") from None
+        return pq.read_table(path).to_pylist()
+    raise DataError(f"{path}: unsupported data file type {suffix!r} (use .jsonl, .json or .parquet)")
+
+
+def load_records(
+    path: str | Path,
+    *,
+    question_key: str = "problem",
+    answer_key: str = "answer",
+    image_key: str = "images",
+    id_key: str = "",
+    image_root: str = "",
+    skip_bad_records: bool = False,
+) -> Dataset:
+    """Load and decode every record of a JSONL/JSON/parquet file (see the module docstring)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file not found: {path}")
+    base = Path(image_root) if image_root else path.parent
+    records, skipped = [], 0
+    for n, row in enumerate(_read_rows(path)):
+        rid = str(row.get(id_key, n)) if (id_key and isinstance(row, dict)) else str(n)
+        try:
+            if not isinstance(row, dict):
+                raise ValueError("record is not a mapping")
+            for key in (question_key, answer_key, image_key):
+                if row.get(key) is None:
+                    raise ValueError(f"missing field {key!r}")
+            image = _decode(_image_bytes(row[image_key], base))
+            # Geometry3K/ViRL put an <image> tag in the text; the chat template places the image.
+            question = str(row[question_key]).replace("<image>", "").strip()
+            records.append(Record(id=rid, image=image, question=question, answer=str(row[answer_key]).strip()))
+        except (ValueError, OSError) as e:
+            if not skip_bad_records:
+                raise DataError(f"{path}: bad record {rid} (row {n}): {e} (set data.skip_bad_records=true to skip such records)") from None
+            skipped += 1
+    if not records:
+        raise DataError(f"{path}: no usable records ({skipped} skipped)")
+    return Dataset(records=records, skipped=skipped, source=str(path))
+
+
+def step_indices(step: int, prompts_per_step: int, num_records: int, seed: int) -> list[int]:
+    """Record indices of optimizer step ``step`` (0-based): positions of seeded epoch permutations."""
+    out = []
+    for pos in range(step * prompts_per_step, (step + 1) * prompts_per_step):
+        epoch, offset = divmod(pos, num_records)
+        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        out.append(int(torch.randperm(num_records, generator=g)[offset]))
+    return out

@@ -1,0 +1,87 @@
+"""Step metrics: a JSONL file in the run directory, plus TensorBoard or W&B when configured.
+
+Both loggers are optional imports: asking for one that is not installed is an error at start-up,
+not a silent no-op.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from vaopd.objective import token_coefficients
+
+__all__ = ["MetricsLogger", "token_stats"]
+
+
+def token_stats(stats: dict[str, torch.Tensor], mask: torch.Tensor, high_fraction: float) -> dict[str, float]:
+    """Sums for a micro-batch's step summary from the loss's ``[B, T]`` stats.
+
+    ``va_high`` is the VA carried by each response's high group (the ``ceil(high_fraction * L)``
+    largest-VA tokens, as in the loss), so ``va_high / va_sum`` is the high group's share.
+    """
+    mask = mask.bool()
+    va = stats["va"].float()
+    ones = torch.ones(mask.shape[0], device=mask.device)
+    # high_weight=1 gives a nonzero coefficient exactly on the high group.
+    high = token_coefficients(va, mask, ones, high_fraction=high_fraction, high_weight=1.0) > 0
+    return {
+        "tokens": float(mask.sum()),
+        "kl_sum": float(stats["kl"].float()[mask].sum()),
+        "va_sum": float(va[mask].sum()),
+        "va_high": float(va[high].sum()),
+        "va_max": float(va[mask].max()) if mask.any() else 0.0,
+        "responses": float(mask.shape[0]),
+    }
+
+
+class MetricsLogger:
+    """Appends one JSON line per step to ``<run_dir>/metrics.jsonl``; mirrors scalars to TB/W&B."""
+
+    def __init__(self, run_dir: Path, *, tensorboard: bool = False, wandb_project: str = "", config: dict | None = None,
+                 resume_step: int | None = None):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None and self.path.exists():
+            # Drop lines of steps after the checkpoint: they will be redone.
+            keep = [line for line in self.path.read_text(encoding="utf-8").splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            self.path.write_text("".join(k + "\n" for k in keep), encoding="utf-8")
+        elif resume_step is None and self.path.exists():
+            self.path.unlink()
+        self._file = open(self.path, "a", encoding="utf-8")
+        self._tb = self._wandb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise RuntimeError("log.tensorboard is true but tensorboard is not installed (pip install 'vaopd[tensorboard]')") from None
+            self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+        if wandb_project:
+            try:
+                import wandb
+            except ImportError:
+                raise RuntimeError("log.wandb_project is set but wandb is not installed (pip install 'vaopd[wandb]')") from None
+            self._wandb = wandb.init(project=wandb_project, config=config, dir=str(run_dir))
+
+    def log(self, record: dict) -> None:
+        """Write ``record`` (must hold ``step``); non-finite floats are written as null."""
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        self._file.write(json.dumps(clean) + "\n")
+        self._file.flush()
+        scalars = {k: v for k, v in clean.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
+        if self._tb is not None:
+            for k, v in scalars.items():
+                self._tb.add_scalar(k, v, record["step"])
+            self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=record["step"])
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
