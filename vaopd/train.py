@@ -357,6 +357,7 @@ def train_step(cfg: Config, s: Setup, optimizer, scheduler, step: int) -> dict:
         "truncated": float((~torch.isin(tokens, torch.tensor(s.eos_ids)).any(dim=1)).float().mean()),
         "tokens_per_s": sums["tokens"] / elapsed, "grad_norm": grad_norm, "lr": lr, "skipped": skipped,
         "time": elapsed, **{f"time_{k}": v for k, v in timer.times.items()},
+        "records": [r.id for r in records],
     }
 
 
@@ -596,6 +597,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="continue from the run dir's latest checkpoint, or from CHECKPOINT")
     parser.add_argument("--dry-run", action="store_true", help="validate, print the resolved config and the plan, exit")
     args = parser.parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # keep the console to our own progress bar
     config_path = args.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
     overrides = list(args.set) + ([f"loss.method={args.method}"] if args.method else [])
     try:

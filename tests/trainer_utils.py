@@ -1,0 +1,25 @@
+"""Shared helpers for the trainer tests: a tiny, fast config in a temporary run dir."""
+from __future__ import annotations
+
+import torch
+
+from vaopd.config import load_config
+
+
+def tiny_config(tmp_path, *overrides: str, name: str = "run"):
+    """The tiny default shrunk for tests (2 prompts x 2 responses, 6 new tokens, no validation)."""
+    base = [
+        f"train.run_dir={tmp_path / name}", "train.prompts_per_step=2", "train.max_steps=2",
+        "train.checkpoint_every=0", "rollout.samples_per_prompt=2", "rollout.max_new_tokens=6",
+        "data.tiny_train_size=8", "data.val=", "log.progress=false", "optim.lr=1e-3", "optim.warmup_ratio=0",
+    ]
+    return load_config(None, base + list(overrides))
+
+
+def state(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
