@@ -351,11 +351,23 @@ def va_opd_loss(
         tokens, mask, group_ids, method=method, kl_estimator=kl_estimator,
         vocab_size=vocab_size, num_prompts=num_prompts,
     )
-    mask, vocab = checked.mask, checked.vocab_size
     device = student_hidden.device
-    ops = _row_ops(backend, device)
-    chunk = _chunk_rows(chunk_size, device)
+    return chunked_va_opd_loss(
+        student_hidden, student_weight, teacher_hidden, teacher_ablated_hidden, teacher_weight, tokens, checked.mask,
+        group_ids, method=method, kl_estimator=kl_estimator, vocab=checked.vocab_size, num_prompts=checked.num_prompts,
+        temperature=temperature, high_fraction=high_fraction, high_weight=high_weight,
+        ops=_row_ops(backend, device), chunk=_chunk_rows(chunk_size, device),
+    )
 
+
+def chunked_va_opd_loss(
+    student_hidden, student_weight, teacher_hidden, teacher_ablated_hidden, teacher_weight, tokens, mask, group_ids,
+    *, method, kl_estimator, vocab, num_prompts, temperature, high_fraction, high_weight, ops, chunk,
+):
+    """``va_opd_loss`` on validated arguments (bool ``mask``, resolved ``vocab`` and ``num_prompts``)
+    with a given row-op module ``ops`` (``triton_ops``, ``torch_ops`` or a compatible one, such as
+    the benchmarks' ``torch.compile``d twin) and ``chunk`` rows per chunk."""
+    device = student_hidden.device
     flat_mask = mask.reshape(-1)
     rows = None if bool(flat_mask.all()) else flat_mask.nonzero().squeeze(1)
 
@@ -384,7 +396,7 @@ def va_opd_loss(
             ablated_logp = torch.where(mask, float("nan"), 0.0).float()
             va = torch.zeros_like(teacher_logp)
         coef = loss_coefficients(method, va, mask, group_ids, temperature, high_fraction, high_weight)
-        coef_rows = valid_rows(coef) / checked.num_prompts
+        coef_rows = valid_rows(coef) / num_prompts
 
     student_rows = valid_rows(student_hidden)
     if kl_estimator == "full":

@@ -1,0 +1,39 @@
+"""Forward+backward of the VA-OPD loss against the reference, Liger-Kernel and the matmul floor."""
+import functools
+
+import pytest
+import torch
+
+import lossbench
+from lossbench import RECORDS
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@functools.lru_cache(maxsize=4)
+def reference_loss(shape: lossbench.Shape) -> float:
+    return lossbench.build("reference", lossbench.make_inputs(shape, DEVICE), DEVICE)().item()
+
+
+def test_loss(benchmark, loss_case, grid):
+    impl, shape = loss_case
+    if impl == "vaopd-triton" and DEVICE != "cuda" and shape.tokens * shape.vocab > 2**17:
+        pytest.skip("the Triton backend only runs in the interpreter on a CPU: timing it means nothing")
+    inputs = lossbench.make_inputs(shape, DEVICE)
+    run = lossbench.build(impl, inputs, DEVICE)
+    record = dict(impl=impl, shape=shape.as_dict(), shape_id=shape.id(), flops=lossbench.product_flops(shape, *lossbench.PRODUCTS[impl]))
+    try:
+        loss = benchmark.pedantic(run, rounds=grid["rounds"], warmup_rounds=0 if benchmark.disabled else 1, iterations=1)
+        record["peak_extra"] = None if benchmark.disabled else lossbench.peak_extra_bytes(run, inputs, DEVICE)
+    except torch.cuda.OutOfMemoryError:
+        del run
+        torch.cuda.empty_cache()
+        RECORDS.append(dict(record, oom=True))
+        pytest.skip(f"{impl} ran out of GPU memory at {shape.id()}")
+    if not benchmark.disabled:
+        record["seconds"] = benchmark.stats.stats.median
+    if impl.startswith("vaopd") and DEVICE == "cpu":
+        record["loss"] = loss.item()
+        tol = 1e-4 if shape.dtype == "fp32" else 3e-2
+        assert loss.item() == pytest.approx(reference_loss(shape), rel=tol)
+    RECORDS.append(record)

@@ -1,0 +1,88 @@
+"""Benchmark grids and the end-of-run summary.
+
+The grid follows the device: ``gpu`` with CUDA, ``cpu`` otherwise, and ``smoke`` (tiny shapes, each
+implementation once) when benchmarks are disabled, as in CI. ``VAOPD_BENCH_GRID`` overrides it;
+``-k`` narrows it further (ids read like ``N8192_V151936_D2048x4096_bf16``). The summary table is
+printed at the end and written with JSON and PNG plots to ``VAOPD_BENCH_OUT`` (default ``bench/out``).
+"""
+from __future__ import annotations
+
+import ctypes
+import datetime
+import os
+import platform
+
+import pytest
+import torch
+
+from lossbench import RECORDS, Shape
+
+GRIDS = {
+    "smoke": dict(tokens=[64], vocab=[1031], hidden=[(32, 48)], dtype=["fp32"],
+                  impls=["vaopd-torch", "vaopd-triton", "reference", "liger", "floor"], compiled_at=None, rounds=1),
+    "cpu": dict(tokens=[256, 512, 1024], vocab=[32000], hidden=[(256, 512)], dtype=["fp32"],
+                impls=["vaopd-torch", "reference", "liger", "floor"], compiled_at=512, rounds=3),
+    "gpu": dict(tokens=[1024, 2048, 4096, 8192, 16384], vocab=[32000, 151936], hidden=[(2048, 4096), (4096, 5120)],
+                dtype=["bf16", "fp32"], impls=["vaopd-triton", "vaopd-torch", "reference", "liger", "floor"],
+                compiled_at=8192, rounds=3),
+}
+COMPILED = ["vaopd-torch-compiled", "liger-compiled"]
+
+
+def grid_name(config) -> str:
+    name = os.environ.get("VAOPD_BENCH_GRID")
+    if name is None:
+        disabled = config.getoption("benchmark_disable", False)
+        name = "smoke" if disabled else ("gpu" if torch.cuda.is_available() else "cpu")
+    if name not in GRIDS:
+        raise pytest.UsageError(f"VAOPD_BENCH_GRID must be one of {sorted(GRIDS)}, got {name!r}")
+    return name
+
+
+def cases(name: str):
+    g = GRIDS[name]
+    for dtype in g["dtype"]:
+        for vocab in g["vocab"]:
+            for ds, dt in g["hidden"]:
+                for tokens in g["tokens"]:
+                    shape = Shape(tokens, vocab, ds, dt, dtype)
+                    impls = g["impls"] + (COMPILED if tokens == g["compiled_at"] else [])
+                    for impl in impls:
+                        yield pytest.param((impl, shape), id=f"{impl}-N{tokens}_V{vocab}_D{ds}x{dt}_{dtype}")
+
+
+def pytest_generate_tests(metafunc):
+    if "loss_case" in metafunc.fixturenames:
+        metafunc.parametrize("loss_case", list(cases(grid_name(metafunc.config))))
+
+
+@pytest.fixture(scope="session")
+def grid(request):
+    return GRIDS[grid_name(request.config)]
+
+
+def pytest_configure(config):
+    # Hand freed blocks of 64 KiB and more straight back to the OS, so that the process's resident
+    # size follows live memory and the CPU peak-memory figures mean something.
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 65536)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+def _title() -> str:
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    return f"{device}, torch {torch.__version__}, {datetime.date.today().isoformat()}"
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    timed = [r for r in RECORDS if r.get("seconds") or r.get("oom")]
+    if not timed:
+        return
+    import report
+
+    out = os.environ.get("VAOPD_BENCH_OUT", os.path.join(os.path.dirname(__file__), "out"))
+    table = report.write(RECORDS, out, _title())
+    terminalreporter.write_sep("=", "vaopd loss benchmarks")
+    terminalreporter.write_line(table)
+    terminalreporter.write_line(f"written to {out}/results.md, results.json, time.png, memory.png")

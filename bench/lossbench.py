@@ -1,0 +1,212 @@
+"""What the loss benchmarks run: shapes, inputs, the implementations compared, and their FLOPs.
+
+Every implementation is a callable doing one forward and backward of a distillation loss from
+hidden states and LM-head weights (student gradients only), finished with a device sync.
+
+- ``vaopd-triton``, ``vaopd-torch``: ``vaopd.kernels.va_opd_loss`` on each backend.
+- ``vaopd-torch-compiled``: the chunked torch path with its row ops under ``torch.compile``.
+- ``reference``: ``va_opd_loss_reference`` (full fp32 logits).
+- ``liger``, ``liger-compiled``: Liger-Kernel's chunked ``LigerFusedLinearJSDLoss`` with
+  ``beta=1`` (reverse KL) and no hard loss. It makes one teacher pass and has no VA weighting,
+  so compare achieved TFLOP/s as well as time.
+- ``floor``: the bare bf16/fp32 matrix products an ideal VA-OPD implementation must do: student
+  logits, input gradient and weight gradient, teacher clean and ablated logits (five products).
+"""
+from __future__ import annotations
+
+import functools
+import types
+from dataclasses import asdict, dataclass
+
+import torch
+
+from vaopd.kernels import torch_ops, va_opd_loss, va_opd_loss_reference
+from vaopd.kernels.fused import chunked_va_opd_loss
+
+RESPONSE_TOKENS = 1024  # tokens per response; responses come in sibling groups of 4
+RECORDS: list[dict] = []  # one dict per measurement, summarised at the end of the run
+
+
+@dataclass(frozen=True)
+class Shape:
+    tokens: int
+    vocab: int
+    student_hidden: int
+    teacher_hidden: int
+    dtype: str  # "bf16" | "fp32"
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return {"bf16": torch.bfloat16, "fp32": torch.float32}[self.dtype]
+
+    def id(self) -> str:
+        return f"N{self.tokens}-V{self.vocab}-D{self.student_hidden}x{self.teacher_hidden}-{self.dtype}"
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def product_flops(shape: Shape, student_products: int, teacher_products: int) -> float:
+    """FLOPs of LM-head products: ``2 N V D`` each."""
+    n, v = shape.tokens, shape.vocab
+    return 2.0 * n * v * (student_products * shape.student_hidden + teacher_products * shape.teacher_hidden)
+
+
+# (student products, teacher products) each implementation performs.
+PRODUCTS = {
+    "vaopd-triton": (3, 3),  # two-phase: the clean teacher is recomputed in phase B
+    "vaopd-torch": (3, 3),
+    "vaopd-torch-compiled": (3, 3),
+    "reference": (3, 2),
+    "liger": (3, 1),
+    "liger-compiled": (3, 1),
+    "floor": (3, 2),
+}
+
+
+@functools.lru_cache(maxsize=1)
+def make_inputs(shape: Shape, device: str, seed: int = 0) -> dict:
+    """Loss inputs: ``tokens`` valid tokens as responses of up to 1,024 in groups of 4.
+
+    Drawn on the device (the Qwen-size heads are ~10^9 numbers) and cached for the next
+    implementation at the same shape; each run clears the gradients it leaves.
+    """
+    g = torch.Generator(device=device).manual_seed(seed)
+    t = min(RESPONSE_TOKENS, shape.tokens)
+    b = shape.tokens // t
+    dt = shape.torch_dtype
+
+    def randn(*size, scale=1.0):
+        return torch.randn(*size, generator=g, device=device, dtype=dt).mul_(scale)
+
+    return dict(
+        student_hidden=randn(b, t, shape.student_hidden).requires_grad_(),
+        student_weight=randn(shape.vocab, shape.student_hidden, scale=shape.student_hidden**-0.5).requires_grad_(),
+        teacher_hidden=randn(b, t, shape.teacher_hidden),
+        teacher_ablated_hidden=randn(b, t, shape.teacher_hidden),
+        teacher_weight=randn(shape.vocab, shape.teacher_hidden, scale=shape.teacher_hidden**-0.5),
+        tokens=torch.randint(0, shape.vocab, (b, t), generator=g, device=device),
+        mask=torch.ones(b, t, dtype=torch.bool, device=device),
+        group_ids=(torch.arange(b) // 4).to(device),
+    )
+
+
+def _compiled_torch_ops() -> types.SimpleNamespace:
+    return types.SimpleNamespace(
+        **{name: torch.compile(getattr(torch_ops, name), dynamic=True) for name in ("lse_gather", "logprob_grad_", "reverse_kl_")}
+    )
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def build(impl: str, inputs: dict, device: str):
+    """A zero-argument callable running ``impl`` forward+backward on ``inputs``; returns the loss."""
+    sh, sw = inputs["student_hidden"], inputs["student_weight"]
+
+    def clear():
+        sh.grad = None
+        sw.grad = None
+
+    if impl in ("vaopd-triton", "vaopd-torch", "reference"):
+        fn = va_opd_loss_reference if impl == "reference" else va_opd_loss
+        kwargs = {} if impl == "reference" else {"backend": impl.split("-")[1]}
+
+        def run():
+            clear()
+            loss, _ = fn(**inputs, **kwargs)
+            loss.backward()
+            _sync(device)
+            return loss
+
+        return run
+
+    if impl == "vaopd-torch-compiled":
+        ops = _compiled_torch_ops()
+        names = ("student_hidden", "student_weight", "teacher_hidden", "teacher_ablated_hidden", "teacher_weight", "tokens", "mask", "group_ids")
+        args = [inputs[k] for k in names]
+        chunk = 1024 if device == "cuda" else 256
+
+        def run():
+            clear()
+            loss, _ = chunked_va_opd_loss(
+                *args, method="va_opd", kl_estimator="full", vocab=sw.shape[0], num_prompts=int(inputs["group_ids"].max()) + 1,
+                temperature=1.0, high_fraction=0.2, high_weight=0.5, ops=ops, chunk=chunk,
+            )
+            loss.backward()
+            _sync(device)
+            return loss
+
+        return run
+
+    if impl in ("liger", "liger-compiled"):
+        from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+
+        module = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=1.0, compiled=impl == "liger-compiled")
+        h = sh.reshape(-1, sh.shape[-1])
+        th = inputs["teacher_hidden"].reshape(-1, inputs["teacher_hidden"].shape[-1])
+        labels = inputs["tokens"].reshape(-1)
+
+        def run():
+            clear()
+            loss = module(h, sw, th, inputs["teacher_weight"], labels)
+            loss.backward()
+            _sync(device)
+            return loss
+
+        return run
+
+    if impl == "floor":
+        h = sh.detach().reshape(-1, sh.shape[-1])
+        w = sw.detach()
+        th = inputs["teacher_hidden"].reshape(-1, inputs["teacher_hidden"].shape[-1])
+        tha = inputs["teacher_ablated_hidden"].reshape(-1, th.shape[-1])
+        tw = inputs["teacher_weight"]
+
+        def run():
+            logits = h @ w.T  # student logits; reused as the logits gradient below
+            (th @ tw.T, tha @ tw.T)  # noqa: B018 - the two teacher views
+            logits @ w  # input gradient
+            logits.T @ h  # weight gradient
+            _sync(device)
+
+        return run
+
+    raise ValueError(f"unknown implementation {impl!r}")
+
+
+def peak_extra_bytes(run, inputs: dict, device: str) -> int | None:
+    """Peak memory of one ``run`` beyond its inputs, the returned gradients and one fp32
+    ``[V, D_S]`` weight-gradient accumulator (CUDA allocator peak; on CPU the process's peak
+    resident size, reset through ``/proc/self/clear_refs``)."""
+    sw = inputs["student_weight"]
+    allowance = sum(x.numel() * x.element_size() for x in (inputs["student_hidden"], sw)) + sw.numel() * 4
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        run()
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        inputs["student_hidden"].grad = None
+        sw.grad = None
+        base = _proc_status_kib("VmRSS")
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # reset the peak resident size (VmHWM) to the current one
+        except OSError:
+            return None
+        run()
+        peak = (_proc_status_kib("VmHWM") - base) * 1024
+    return max(0, peak - allowance)
+
+
+def _proc_status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
