@@ -200,7 +200,11 @@ def build_setup(cfg: Config, device: torch.device, student_source: str | None = 
     if cfg.model.freeze_vision:
         base_model(student).model.visual.requires_grad_(False)
     if cfg.model.gradient_checkpointing:
-        base_model(student).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = base_model(student)
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x renamed it
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     student.train()
     eos = eos_token_ids(student, tokenizer)
     banned = banned_token_ids(tokenizer, s_rows, eos)
@@ -467,7 +471,8 @@ def train(cfg: Config, *, resume: str | bool | None = None, handle_signals: bool
                             len=f"{record['response_len']:.1f}", tok_s=f"{record['tokens_per_s']:.0f}")
             if s.val_data is not None and cfg.eval.every and step % cfg.eval.every == 0 and step < steps:
                 validate(cfg, s, logger, step, result)
-            if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
+            # No checkpoint right after a skipped step: the last good one must stay the newest.
+            if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and not record["skipped"]:
                 result.checkpoint = save()
         if s.val_data is not None and step == steps and not stop["signal"]:
             validate(cfg, s, logger, step, result)

@@ -1,0 +1,200 @@
+"""The training loop end to end on tiny models: methods, learning, accumulation, resume, safety."""
+import json
+import os
+import signal
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import vaopd.train as train_mod
+from tests.trainer_utils import max_diff, state, tiny_config
+from vaopd.checkpoint import latest_checkpoint, load_trainer_state
+from vaopd.tiny import build_image_processor, build_model, build_tokenizer
+from vaopd.train import TrainingAborted, VocabularyError, main, train
+
+
+def metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("method", ["va_opd", "opd"])
+def test_both_methods_end_to_end(tmp_path, method):
+    cfg = tiny_config(tmp_path, f"loss.method={method}", "train.max_steps=3", "train.checkpoint_every=2",
+                      "data.val=tiny", "data.tiny_val_size=2", "eval.every=2", "eval.samples=2", "eval.max_new_tokens=4")
+    before = state(build_model("student", build_tokenizer(), seed=0))
+    result = train(cfg)
+    assert result.step == 3
+    steps = [r for r in metrics(result.run_dir) if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    for r in steps:
+        assert r["loss"] > 0 and r["kl"] > 0 and not r["skipped"] and r["tokens_per_s"] > 0
+        assert (r["va"] is not None) == (method == "va_opd")
+        assert all(r[f"time_{k}"] > 0 for k in ("rollout", "teacher", "loss", "optimizer"))
+    vals = [r for r in metrics(result.run_dir) if "val_accuracy" in r]
+    assert [v["step"] for v in vals] == [2, 3] and all(0 <= v["val_accuracy"] <= 1 for v in vals)
+    ckpts = sorted(p.name for p in (result.run_dir / "checkpoints").iterdir())
+    assert ckpts == ["step_00000002", "step_00000003"]
+    saved = load_file(result.checkpoint / "model" / "model.safetensors")
+    assert max_diff(saved, {k: v for k, v in state(result.student).items() if k in saved}) == 0
+    assert max_diff(state(result.student), before) > 0  # it trained
+
+
+def test_kl_to_the_teacher_goes_down(tmp_path):
+    cfg = tiny_config(tmp_path, "train.max_steps=20", "train.prompts_per_step=4", "data.tiny_train_size=16",
+                      "rollout.max_new_tokens=8", "rollout.temperature=1.0", "rollout.top_p=1.0", "optim.lr=5e-3")
+    kl = [r["kl"] for r in train(cfg).history]
+    first, last = sum(kl[:5]) / 5, sum(kl[-5:]) / 5
+    assert last < 0.9 * first, kl
+
+
+def test_gradient_accumulation_equals_one_big_batch(tmp_path):
+    common = ("train.prompts_per_step=4", "train.max_steps=2")
+    big = train(tiny_config(tmp_path, *common, name="big"))
+    small = train(tiny_config(tmp_path, *common, "train.micro_batch_prompts=1", name="acc"))
+    for a, b in zip(big.history, small.history):
+        assert a["records"] == b["records"]
+        # The pre-clipping gradient norm: a wrong normalisation (per micro-batch P) would scale it.
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+        assert a["va"] == pytest.approx(b["va"], rel=1e-5)
+    assert max_diff(state(big.student), state(small.student)) < 1e-5
+
+
+def test_resume_continues_exactly(tmp_path):
+    straight = train(tiny_config(tmp_path, "train.max_steps=4", name="straight"))
+    cfg = tiny_config(tmp_path, "train.max_steps=4", "train.stop_after=2", name="split")
+    first = train(cfg)
+    assert first.step == 2 and first.checkpoint.name == "step_00000002"
+    assert load_trainer_state(first.checkpoint)["data_position"] == 4
+    second = train(cfg, resume=True)
+    assert second.step == 4
+    assert [r["records"] for r in first.history + second.history] == [r["records"] for r in straight.history]
+    for a, b in zip(straight.history[2:], second.history):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    assert max_diff(state(straight.student), state(second.student)) < 1e-5
+    assert [r["step"] for r in metrics(second.run_dir)] == [1, 2, 3, 4]
+
+
+def test_teacher_is_frozen(tmp_path):
+    result = train(tiny_config(tmp_path, "train.max_steps=2"))
+    fresh = build_model("teacher", build_tokenizer(), seed=1)  # the run's teacher: seed + 1
+    assert not result.teacher.training
+    assert not any(p.requires_grad for p in result.teacher.parameters())
+    assert max_diff(state(result.teacher), state(fresh)) == 0
+
+
+def test_mismatched_vocabularies_are_refused(tmp_path):
+    other = build_tokenizer()
+    other.add_tokens(["<extra_token>"])
+    teacher = build_model("teacher", build_tokenizer(), seed=1)
+    folder = tmp_path / "teacher"
+    teacher.save_pretrained(folder)
+    other.save_pretrained(folder)
+    build_image_processor().save_pretrained(folder)
+    with pytest.raises(VocabularyError, match="tokenizers differ"):
+        train(tiny_config(tmp_path, f"model.teacher={folder}"))
+
+
+def test_teacher_loads_from_a_model_folder(tmp_path):
+    folder = tmp_path / "teacher"
+    build_model("teacher", build_tokenizer(), seed=1).save_pretrained(folder)
+    build_tokenizer().save_pretrained(folder)
+    build_image_processor().save_pretrained(folder)
+    assert train(tiny_config(tmp_path, f"model.teacher={folder}", "train.max_steps=1")).step == 1
+
+
+def test_bad_record_and_bad_config_from_the_command_line(tmp_path, capsys):
+    (tmp_path / "d.jsonl").write_text(json.dumps({"problem": "q", "answer": "1", "images": ["missing.png"]}) + "\n")
+    assert main(["--set", f"data.train={tmp_path / 'd.jsonl'}", "--set", f"train.run_dir={tmp_path / 'r'}"]) == 2
+    assert "bad record 0" in capsys.readouterr().err
+    assert main(["--set", "train.prompts_per_step=0"]) == 2
+    assert "train.prompts_per_step: must be > 0" in capsys.readouterr().err
+
+
+def with_loss_hook(monkeypatch, hook):
+    """Wrap the trainer's loss so ``hook(call_index, loss)`` can replace the loss or act."""
+    real = train_mod.va_opd_loss
+    calls = []
+
+    def wrapped(*args, **kwargs):
+        loss, stats = real(*args, **kwargs)
+        calls.append(1)
+        return hook(len(calls), loss), stats
+
+    monkeypatch.setattr(train_mod, "va_opd_loss", wrapped)
+
+
+def test_non_finite_steps_are_skipped_then_abort_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    cfg = tiny_config(tmp_path, "train.max_steps=6", "train.checkpoint_every=1", "train.max_bad_steps=2",
+                      "train.keep_checkpoints=5")
+    with_loss_hook(monkeypatch, lambda n, loss: loss * float("nan") if n >= 3 else loss)
+    with pytest.raises(TrainingAborted, match=r"2 non-finite steps in a row .*step_00000002 \(left intact\)"):
+        train(cfg)
+    run_dir = tmp_path / "run"
+    records = metrics(run_dir)
+    assert [r["skipped"] for r in records] == [False, False, True, True]
+    assert latest_checkpoint(run_dir / "checkpoints").name == "step_00000002"
+    assert load_trainer_state(run_dir / "checkpoints" / "step_00000002")["step"] == 2
+
+
+def test_skipped_step_leaves_weights_unchanged(tmp_path, monkeypatch):
+    clean = train(tiny_config(tmp_path, "train.max_steps=1", name="clean"))
+    with_loss_hook(monkeypatch, lambda n, loss: loss * float("inf") if n == 2 else loss)
+    result = train(tiny_config(tmp_path, "train.max_steps=2", name="inf"))
+    assert [r["skipped"] for r in result.history] == [False, True]
+    assert max_diff(state(clean.student), state(result.student)) == 0
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_finishes_the_step_saves_and_exits_zero(tmp_path, monkeypatch, capsys, sig):
+    def send(n, loss):
+        if n == 1:
+            os.kill(os.getpid(), sig)
+        return loss
+
+    with_loss_hook(monkeypatch, send)
+    previous = signal.getsignal(sig)
+    run_dir = tmp_path / "r"
+    code = main(["--set", f"train.run_dir={run_dir}", "--set", "train.max_steps=5", "--set", "data.val=",
+                 "--set", "train.prompts_per_step=2", "--set", "rollout.samples_per_prompt=2",
+                 "--set", "rollout.max_new_tokens=4", "--set", "log.progress=false"])
+    assert code == 0
+    assert "stopped by signal" in capsys.readouterr().out
+    assert latest_checkpoint(run_dir / "checkpoints").name == "step_00000001"
+    assert signal.getsignal(sig) is previous  # the handlers are restored
+
+
+def test_crash_mid_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
+    cfg = tiny_config(tmp_path, "train.max_steps=2", "train.checkpoint_every=1")
+    import vaopd.checkpoint as ckpt_mod
+
+    real_save = ckpt_mod.torch.save
+    count = []
+
+    def crashing_save(obj, path):
+        count.append(1)
+        if len(count) == 2:
+            raise OSError("disk full")
+        real_save(obj, path)
+
+    monkeypatch.setattr(ckpt_mod.torch, "save", crashing_save)
+    with pytest.raises(OSError, match="disk full"):
+        train(cfg)
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert latest_checkpoint(checkpoints).name == "step_00000001"
+    assert not (checkpoints / "step_00000002").exists()
+    monkeypatch.setattr(ckpt_mod.torch, "save", real_save)
+    assert train(cfg, resume=True).step == 2  # resumes from the intact checkpoint
+
+
+def test_va_near_zero_warns_loudly(tmp_path, capsys):
+    train(tiny_config(tmp_path, "train.max_steps=1", "log.va_warn_threshold=1e9"))
+    assert "visual advantage is ~0 on every token" in capsys.readouterr().err
+
+
+def test_gradient_checkpointing_gives_the_same_step(tmp_path):
+    plain = train(tiny_config(tmp_path, "train.max_steps=1", name="plain"))
+    ckpt = train(tiny_config(tmp_path, "train.max_steps=1", "model.gradient_checkpointing=true", name="gc"))
+    assert plain.history[0]["grad_norm"] == pytest.approx(ckpt.history[0]["grad_norm"], rel=1e-5)
+    assert max_diff(state(plain.student), state(ckpt.student)) < 1e-6
