@@ -64,7 +64,7 @@ def test_dry_run_prints_config_and_plan(tmp_path, capsys):
     assert main(["--dry-run", "--set", f"train.run_dir={tmp_path / 'r'}", "--method", "opd"]) == 0
     out = capsys.readouterr().out
     assert "method: opd" in out  # the resolved YAML
-    for text in ("student: tiny:student", "teacher: tiny:teacher", "params", "trainable", "train records", "steps: 120",
+    for text in ("student: tiny:student", "teacher: tiny:teacher", "params", "trainable", "train records", "steps: 300",
                  "memory estimate", "vocabulary: 384 tokens"):
         assert text in out, text
     assert not (tmp_path / "r").exists()  # nothing trained, nothing written

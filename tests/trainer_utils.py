@@ -7,8 +7,12 @@ from vaopd.config import load_config
 
 
 def tiny_config(tmp_path, *overrides: str, name: str = "run"):
-    """The tiny default shrunk for tests (2 prompts x 2 responses, 6 new tokens, no validation)."""
+    """The tiny default shrunk for tests (2 prompts x 2 responses, 6 new tokens, no validation).
+
+    Pinned to the CPU in fp32 so the equalities the tests check hold on a GPU machine too.
+    """
     base = [
+        "train.device=cpu", "train.precision=fp32",
         f"train.run_dir={tmp_path / name}", "train.prompts_per_step=2", "train.max_steps=2",
         "train.checkpoint_every=0", "rollout.samples_per_prompt=2", "rollout.max_new_tokens=6",
         "data.tiny_train_size=8", "data.val=", "log.progress=false", "optim.lr=1e-3", "optim.warmup_ratio=0",

@@ -13,7 +13,11 @@ from __future__ import annotations
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen3VLConfig, Qwen3VLForConditionalGeneration
-from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+try:  # transformers >= 5.2x: explicit PIL backend (the default one needs torchvision)
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil as _ImageProcessor
+except ImportError:  # older 5.x (the GPU machine's 5.17): the plain class is the PIL/numpy one
+    from transformers import Qwen2VLImageProcessor as _ImageProcessor
 
 __all__ = ["PRESETS", "SPECIAL_TOKENS", "CHAT_TEMPLATE", "build_tokenizer", "build_image_processor", "build_model", "is_tiny"]
 
@@ -80,9 +84,9 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     return fast
 
 
-def build_image_processor(min_pixels: int = 32 * 32, max_pixels: int = 64 * 64) -> Qwen2VLImageProcessorPil:
+def build_image_processor(min_pixels: int = 32 * 32, max_pixels: int = 64 * 64):
     """The PIL Qwen-VL image processor with Qwen3-VL's patch size (16) and merge size (2)."""
-    return Qwen2VLImageProcessorPil(
+    return _ImageProcessor(
         patch_size=PATCH_SIZE, merge_size=MERGE_SIZE, temporal_patch_size=2,
         size={"shortest_edge": min_pixels, "longest_edge": max_pixels},
     )
