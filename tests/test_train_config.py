@@ -73,3 +73,17 @@ def test_dry_run_prints_config_and_plan(tmp_path, capsys):
 def test_cli_reports_config_errors(capsys):
     assert main(["--set", "optim.lr=0", "--dry-run"]) == 2
     assert "optim.lr: must be > 0" in capsys.readouterr().err
+
+
+def test_dry_run_with_model_folders_and_lora(tmp_path, capsys):
+    from vaopd.tiny import build_image_processor, build_model, build_tokenizer
+
+    folder = tmp_path / "teacher"
+    build_model("teacher", build_tokenizer(), seed=1).save_pretrained(folder)
+    build_tokenizer().save_pretrained(folder)
+    build_image_processor().save_pretrained(folder)
+    assert main(["--dry-run", "--set", f"model.teacher={folder}", "--set", "model.lora.enabled=true",
+                 "--set", "model.lora.r=2"]) == 0
+    out = capsys.readouterr().out
+    assert f"teacher: {folder} (Qwen3VLForConditionalGeneration): 568,224 params" in out
+    assert "(LoRA r=2)" in out and "241,088 trainable" not in out

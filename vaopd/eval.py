@@ -16,7 +16,7 @@ from math_verify import parse, verify
 
 from vaopd.config import ConfigError, load_config
 from vaopd.data import DataError
-from vaopd.rollout import HFGenerate, encode_prompts
+from vaopd.rollout import HFGenerate, banned_token_ids, encode_prompts
 
 __all__ = ["grade", "evaluate", "main"]
 
@@ -82,10 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else "cpu")
-    model, tokenizer, image_processor = load_pretrained(cfg, str(ckpt / "model"), device, trainable=False)
+    model, tokenizer, image_processor = load_pretrained(cfg, str(ckpt / "model"), device, trainable=False, seed=cfg.train.seed)
     model.eval()
-    from vaopd.rollout import banned_token_ids
-
     eos = eos_token_ids(model, tokenizer)
     result = evaluate(
         model, tokenizer, image_processor, records, eos_ids=eos,

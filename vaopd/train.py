@@ -27,7 +27,7 @@ import math
 import signal
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -268,17 +268,13 @@ class Timer:
     def __init__(self, device: torch.device):
         self.device, self.times = device, {}
 
+    @contextmanager
     def __call__(self, name: str):
-        timer = self
-
-        class _Phase:
-            def __enter__(self):
-                self.start = timer._now()
-
-            def __exit__(self, *exc):
-                timer.times[name] = timer.times.get(name, 0.0) + timer._now() - self.start
-
-        return _Phase()
+        start = self._now()
+        try:
+            yield
+        finally:
+            self.times[name] = self.times.get(name, 0.0) + self._now() - start
 
     def _now(self) -> float:
         if self.device.type == "cuda":
