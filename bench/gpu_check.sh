@@ -16,11 +16,11 @@ fi
 # in place, offline and without dependencies, or link it into the package on this disposable copy.
 python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >/dev/null 2>&1
 python3 -c "import vaopd.kernels" 2>/dev/null || ln -sfn ../kernels vaopd/kernels
-export PYTHONUNBUFFERED=1 VAOPD_BENCH_OUT="$out"
+export PYTHONUNBUFFERED=1 VAOPD_BENCH_OUT="$out" PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/device.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/device.txt"
 python3 bench/gpu_correctness.py 2>&1 | tee "$out/correctness.txt"
 status=${PIPESTATUS[0]}
-python3 bench/gpu_tune.py 2>&1 | tee "$out/tune.txt"
-python3 -m pytest bench/ --benchmark -q -p no:cacheprovider "$@" 2>&1 | tee "$out/bench.txt"
+python3 bench/gpu_tune.py ${VAOPD_TUNE_KERNELS:+--kernels} 2>&1 | tee "$out/tune.txt"
+python3 -m pytest bench/bench_loss.py bench/bench_objective.py --benchmark -q -p no:cacheprovider "$@" 2>&1 | tee "$out/bench.txt"
 exit $(( status || PIPESTATUS[0] ))

@@ -1,12 +1,17 @@
-"""Time the Triton row kernels alone on a CUDA device for a few launch configurations.
+"""Where the fused loss's time goes on a CUDA device, to tune it.
 
-At the paper's vocabulary (151,936) on a 1,024-row bf16 chunk: the achieved bandwidth of each
-kernel against the bytes it must move, to choose ``GPU_BLOCK`` / ``GPU_WARPS`` in triton_ops.py.
+1. The Triton row kernels alone on a 1,024-row bf16 chunk at the paper's vocabulary (151,936),
+   for a few launch configurations: achieved bandwidth against the bytes each must move
+   (to choose ``GPU_BLOCK`` / ``GPU_WARPS`` in triton_ops.py).
+2. Phase A (one teacher view) and phase B at the paper's shape, with and without the row
+   kernels (the products alone), for a few chunk sizes, with peak memory.
 """
+import sys
+
 import torch
-import triton
 
 from vaopd.kernels import triton_ops
+from vaopd.kernels.fused import _accumulate_fp32, linear_logprobs_forward, reverse_kl_forward
 
 
 def bench(fn, reps=20):
@@ -40,5 +45,51 @@ def main():
                   f"kl {t_kl * 1e3:.3f} ms ({2 * one / t_kl / 1e12:.2f} TB/s)  kl+grad {t_kl_g * 1e3:.3f} ms ({5 * one / t_kl_g / 1e12:.2f} TB/s)", flush=True)
 
 
+def phases():
+    n, vocab, ds, dt = 8192, 151936, 2048, 4096
+    g = torch.Generator(device="cuda").manual_seed(0)
+    sh = torch.randn(n, ds, device="cuda", dtype=torch.bfloat16, generator=g)
+    sw = torch.randn(vocab, ds, device="cuda", dtype=torch.bfloat16, generator=g).mul_(ds**-0.5)
+    th = torch.randn(n, dt, device="cuda", dtype=torch.bfloat16, generator=g)
+    tw = torch.randn(vocab, dt, device="cuda", dtype=torch.bfloat16, generator=g).mul_(dt**-0.5)
+    tok = torch.randint(0, vocab, (n,), device="cuda", generator=g)
+    coef = torch.rand(n, device="cuda", generator=g)
+    print(f"phases at N={n} V={vocab} D={ds}/{dt} bf16")
+    for chunk in (1024, 2048, 4096):
+        s_buf = torch.empty(chunk, vocab, device="cuda", dtype=torch.bfloat16)
+        t_buf = torch.empty_like(s_buf)
+        gh = torch.empty_like(sh)
+        acc = torch.zeros(vocab, ds, device="cuda")
+
+        def products_a():
+            for i in range(0, n, chunk):
+                torch.matmul(th[i:i + chunk], tw.T, out=t_buf)
+
+        def products_b():
+            for i in range(0, n, chunk):
+                torch.matmul(sh[i:i + chunk], sw.T, out=s_buf)
+                for j in range(i, i + chunk, chunk // 2):
+                    torch.matmul(th[j:j + chunk // 2], tw.T, out=t_buf[: chunk // 2])
+                torch.matmul(s_buf, sw, out=gh[i:i + chunk])
+                _accumulate_fp32(acc, s_buf.T, sh[i:i + chunk])
+
+        def weight_grad_only():
+            for i in range(0, n, chunk):
+                _accumulate_fp32(acc, s_buf.T, sh[i:i + chunk])
+
+        t_a = bench(lambda: linear_logprobs_forward(th, tw, tok, vocab, chunk, triton_ops), reps=5)
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        t_b = bench(lambda: reverse_kl_forward(sh, sw, th, tw, coef, tok, vocab, chunk, triton_ops, True), reps=5)
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+        print(f"chunk {chunk:5d}: phase A (1 view) {t_a * 1e3:6.2f} ms, products {bench(products_a, 5) * 1e3:6.2f} ms | "
+              f"phase B {t_b * 1e3:6.2f} ms, products {bench(products_b, 5) * 1e3:6.2f} ms "
+              f"(fp32 weight-grad accumulation {bench(weight_grad_only, 5) * 1e3:6.2f} ms) | phase B peak {peak:.0f} MiB", flush=True)
+        del s_buf, t_buf, gh, acc
+        torch.cuda.empty_cache()
+
+
 if __name__ == "__main__":
-    main()
+    phases()
+    if "--kernels" in sys.argv:
+        main()

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from vaopd.kernels import torch_ops, va_opd_loss, va_opd_loss_reference
-from vaopd.kernels.fused import chunked_va_opd_loss
+from vaopd.kernels.fused import DEFAULT_CHUNK_CPU, DEFAULT_CHUNK_GPU, chunked_va_opd_loss
 
 RESPONSE_TOKENS = 1024  # tokens per response; responses come in sibling groups of 4
 RECORDS: list[dict] = []  # one dict per measurement, summarised at the end of the run
@@ -127,7 +127,7 @@ def build(impl: str, inputs: dict, device: str):
         ops = _compiled_torch_ops()
         names = ("student_hidden", "student_weight", "teacher_hidden", "teacher_ablated_hidden", "teacher_weight", "tokens", "mask", "group_ids")
         args = [inputs[k] for k in names]
-        chunk = 1024 if device == "cuda" else 256
+        chunk = DEFAULT_CHUNK_GPU if device == "cuda" else DEFAULT_CHUNK_CPU
 
         def run():
             clear()
@@ -183,6 +183,8 @@ def peak_extra_bytes(run, inputs: dict, device: str) -> int | None:
     resident size, reset through ``/proc/self/clear_refs``)."""
     sw = inputs["student_weight"]
     allowance = sum(x.numel() * x.element_size() for x in (inputs["student_hidden"], sw)) + sw.numel() * 4
+    inputs["student_hidden"].grad = None  # the last timed run's gradients are not this run's base
+    sw.grad = None
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
@@ -191,8 +193,6 @@ def peak_extra_bytes(run, inputs: dict, device: str) -> int | None:
         run()
         peak = torch.cuda.max_memory_allocated() - base
     else:
-        inputs["student_hidden"].grad = None
-        sw.grad = None
         base = _proc_status_kib("VmRSS")
         try:
             with open("/proc/self/clear_refs", "w") as f:

@@ -6,7 +6,7 @@ two reusable ``[C, V]`` logits buffers in the input dtype:
 - Phase A (no gradient): clean and ablated teacher logits per chunk, then the row op
   ``lse_gather`` gives the sampled-token log-probs. VA and the coefficients follow on ``[B, T]``
   tensors (``vaopd.objective``).
-- Phase B: student and clean-teacher logits per chunk; ``reverse_kl_`` gives each row's KL and
+- Phase B: student logits per chunk and clean-teacher logits per half chunk; ``reverse_kl_`` gives each row's KL and
   student log-prob in one sweep and, because the coefficients are already known, overwrites the
   student logits with ``dKL/ds`` in a second sweep. The chunk's input gradient
   ``coef * (G @ W_S)`` and weight gradient ``G^T @ (coef * H_S)`` follow at once, so the
@@ -35,9 +35,11 @@ from .checks import check_linear, check_loss_inputs, check_tokens, resolve_vocab
 
 BACKENDS = ("auto", "triton", "torch")
 
-# Token rows per chunk. On a GPU ~1K rows keep the products efficient and two bf16 buffers at the
-# Qwen vocabulary near 600 MB; on a CPU the torch ops' fp32 temporaries make smaller chunks pay.
-DEFAULT_CHUNK_GPU = 1024
+# Token rows per chunk. On a GPU, 2K rows keep the products efficient while the phase-B buffers
+# (a chunk of student logits, half a chunk of teacher logits) stay under 1 GB in bf16 at the Qwen
+# vocabulary (H100 measurements in bench/RESULTS.md); on a CPU the torch ops' fp32 temporaries
+# make smaller chunks pay.
+DEFAULT_CHUNK_GPU = 2048
 DEFAULT_CHUNK_CPU = 256
 
 
@@ -163,14 +165,23 @@ def reverse_kl_forward(student_hidden, student_weight, teacher_hidden, teacher_w
     logp = torch.empty_like(kl) if tokens is not None else None
     grad_hidden = torch.empty_like(student_hidden) if need_grad else None
     grad_weight = torch.zeros(student_weight.shape, dtype=torch.float32, device=device) if need_grad else None
+    # The teacher's logits are needed one sub-chunk at a time, the student's (then their gradient)
+    # for the whole chunk: a half-size teacher buffer buys the weight-gradient product twice the
+    # depth per fp32 accumulation (each one reads and writes the whole [V, D_S] accumulator).
+    sub = max(1, chunk // 2)
     s_buffer = student_hidden.new_empty(min(chunk, n), vocab)
-    t_buffer = teacher_hidden.new_empty(min(chunk, n), vocab)
+    t_buffer = teacher_hidden.new_empty(min(sub, n), vocab)
     for start in range(0, n, chunk):
         rows = slice(start, start + chunk)
         h = student_hidden[rows]
         g = _logits(h, ws, s_buffer)
-        t = _logits(teacher_hidden[rows], wt, t_buffer)
-        ops.reverse_kl_(g, t, None if tokens is None else tokens[rows], kl[rows], None if logp is None else logp[rows], need_grad)
+        for sub_start in range(0, h.shape[0], sub):
+            sub_end = min(sub_start + sub, h.shape[0])
+            r = slice(start + sub_start, start + sub_end)
+            t = _logits(teacher_hidden[r], wt, t_buffer)
+            ops.reverse_kl_(
+                g[sub_start:sub_end], t, None if tokens is None else tokens[r], kl[r], None if logp is None else logp[r], need_grad
+            )
         if need_grad:
             c = coef[rows, None].to(h.dtype)
             torch.matmul(g, ws, out=grad_hidden[rows])
@@ -340,9 +351,10 @@ def va_opd_loss(
         backend: ``"triton"`` (Triton row kernels; CUDA, or CPU under ``TRITON_INTERPRET=1``),
             ``"torch"`` (chunked torch, any device) or ``"auto"`` (Triton for CUDA tensors, torch
             otherwise).
-        chunk_size: token rows per chunk (default 1024 on CUDA, 256 on CPU). Memory beyond the
-            inputs and gradients is about ``2 * chunk_size * vocab_size`` elements of the input
-            dtype (plus fp32 temporaries of that size on the torch backend).
+        chunk_size: token rows per chunk (default 2048 on CUDA, 256 on CPU). Memory beyond the
+            inputs, the gradients and an fp32 weight-gradient accumulator is about
+            ``1.5 * chunk_size * vocab_size`` elements of the input dtype (plus fp32 temporaries
+            of a chunk's size on the torch backend).
 
     Only valid tokens are computed: fully masked rows and padding cost nothing.
     """
