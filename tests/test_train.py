@@ -12,7 +12,7 @@ from tests.trainer_utils import max_diff, state, tiny_config
 from vaopd.checkpoint import latest_checkpoint, load_trainer_state
 from vaopd.data import tiny_records
 from vaopd.kernels import va_opd_loss
-from vaopd.rollout import HFGenerate, banned_token_ids, encode_prompts
+from vaopd.rollout import HFGenerate, banned_token_ids, encode_prompts, response_mask
 from vaopd.tiny import build_image_processor, build_model, build_tokenizer
 from vaopd.train import TrainingAborted, VocabularyError, main, scoring_inputs, teacher_hidden, train
 
@@ -227,3 +227,19 @@ def test_gradient_checkpointing_gives_the_same_step(tmp_path):
     ckpt = train(tiny_config(tmp_path, "train.max_steps=1", "model.gradient_checkpointing=true", name="gc"))
     assert plain.history[0]["grad_norm"] == pytest.approx(ckpt.history[0]["grad_norm"], rel=1e-5)
     assert max_diff(state(plain.student), state(ckpt.student)) < 1e-6
+
+
+def test_a_rollout_backend_plugs_in_and_only_valid_tokens_count(tmp_path):
+    cfg = tiny_config(tmp_path)
+    setup = train_mod.build_setup(cfg, torch.device("cpu"))
+    eos, pad = setup.eos_ids[0], setup.tokenizer.pad_token_id
+
+    class Fixed:  # every response: two tokens, EOS, then padding (which must not count)
+        def generate(self, prompts, k):
+            tokens = torch.tensor([[40, 41, eos, pad, pad]]).repeat(len(prompts) * k, 1)
+            return tokens, response_mask(tokens, setup.eos_ids)
+
+    setup.rollout = Fixed()
+    optimizer, scheduler = train_mod.build_optimizer(cfg, setup.student, 2)
+    record = train_mod.train_step(cfg, setup, optimizer, scheduler, 0)
+    assert record["response_len"] == 3 and record["truncated"] == 0 and not record["skipped"]

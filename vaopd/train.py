@@ -41,7 +41,7 @@ from vaopd.data import Dataset, DataError, load_records, step_indices, tiny_reco
 from vaopd.eval import evaluate
 from vaopd.kernels import va_opd_loss
 from vaopd.metrics import MetricsLogger, token_stats
-from vaopd.rollout import HFGenerate, PromptBatch, banned_token_ids, encode_prompts, prompt_pixels
+from vaopd.rollout import HFGenerate, PromptBatch, RolloutBackend, banned_token_ids, encode_prompts, prompt_pixels
 from vaopd.tiny import build_image_processor, build_model, build_tokenizer, is_tiny
 
 __all__ = ["train", "main", "TrainResult", "TrainingAborted", "VocabularyError", "load_pretrained", "load_dataset",
@@ -174,6 +174,7 @@ class Setup:
     val_data: Dataset | None
     device: torch.device
     bf16: bool
+    rollout: RolloutBackend  # any engine implementing the interface (HFGenerate by default)
 
 
 def build_setup(cfg: Config, device: torch.device, student_source: str | None = None) -> Setup:
@@ -208,7 +209,10 @@ def build_setup(cfg: Config, device: torch.device, student_source: str | None = 
     student.train()
     eos = eos_token_ids(student, tokenizer)
     banned = banned_token_ids(tokenizer, s_rows, eos)
-    return Setup(student, teacher, tokenizer, image_processor, vocab, eos, banned, train_data, val_data, device, bf16)
+    rollout = HFGenerate(student, eos_ids=eos, pad_id=tokenizer.pad_token_id, banned_ids=banned,
+                         temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+                         max_new_tokens=cfg.rollout.max_new_tokens, batch_prompts=cfg.rollout.batch_prompts)
+    return Setup(student, teacher, tokenizer, image_processor, vocab, eos, banned, train_data, val_data, device, bf16, rollout)
 
 
 def build_optimizer(cfg: Config, student: torch.nn.Module, steps: int):
@@ -291,11 +295,8 @@ def train_step(cfg: Config, s: Setup, optimizer, scheduler, step: int) -> dict:
     records = [s.train_data.records[i] for i in step_indices(step, P, len(s.train_data), cfg.train.seed)]
     prompts = encode_prompts([r.question + cfg.data.instruction for r in records], [r.image for r in records],
                              s.tokenizer, s.image_processor)
-    backend = HFGenerate(s.student, eos_ids=s.eos_ids, pad_id=s.tokenizer.pad_token_id, banned_ids=s.banned_ids,
-                         temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-                         max_new_tokens=cfg.rollout.max_new_tokens, batch_prompts=cfg.rollout.batch_prompts)
     with timer("rollout"), autocast:
-        tokens, mask = backend.generate(prompts, K)
+        tokens, mask = s.rollout.generate(prompts, K)
     ablated = None
     if cfg.loss.method == "va_opd":
         l = cfg.loss
