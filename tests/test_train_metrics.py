@@ -38,3 +38,33 @@ def test_token_stats_high_share():
     out = token_stats({"va": va, "kl": kl}, mask, high_fraction=0.2)
     # high groups: ceil(0.2*5)=1 token (4.0) and ceil(0.2*2)=1 token (3.0)
     assert out == pytest.approx({"tokens": 7, "kl_sum": 7, "va_sum": 12, "va_high": 7, "va_max": 4, "responses": 2})
+
+
+def test_wandb_mirror_with_a_stand_in_module(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    calls = []
+
+    class Run:
+        def log(self, scalars, step):
+            calls.append(("log", scalars, step))
+
+        def finish(self):
+            calls.append(("finish",))
+
+    fake = types.ModuleType("wandb")
+    fake.init = lambda project, config, dir: calls.append(("init", project, config)) or Run()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    logger = MetricsLogger(tmp_path, wandb_project="p", config={"a": 1})
+    logger.log({"step": 3, "loss": 0.5, "skipped": False, "records": ["x"]})
+    logger.close()
+    assert calls == [("init", "p", {"a": 1}), ("log", {"loss": 0.5}, 3), ("finish",)]
+
+
+def test_missing_logger_package_is_an_error(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import fails
+    with pytest.raises(RuntimeError, match="wandb is not installed"):
+        MetricsLogger(tmp_path, wandb_project="p")
