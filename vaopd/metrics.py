@@ -51,7 +51,6 @@ class MetricsLogger:
             self.path.write_text("".join(k + "\n" for k in keep), encoding="utf-8")
         elif resume_step is None and self.path.exists():
             self.path.unlink()
-        self._file = open(self.path, "a", encoding="utf-8")
         self._tb = self._wandb = None
         if tensorboard:
             try:
@@ -65,6 +64,7 @@ class MetricsLogger:
             except ImportError:
                 raise RuntimeError("log.wandb_project is set but wandb is not installed (pip install 'vaopd[wandb]')") from None
             self._wandb = wandb.init(project=wandb_project, config=config, dir=str(run_dir))
+        self._file = open(self.path, "a", encoding="utf-8")
 
     def log(self, record: dict) -> None:
         """Write ``record`` (must hold ``step``); non-finite floats are written as null."""
