@@ -87,3 +87,10 @@ def test_dry_run_with_model_folders_and_lora(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"teacher: {folder} (Qwen3VLForConditionalGeneration): 568,224 params" in out
     assert "(LoRA r=2)" in out and "241,088 trainable" not in out
+
+
+def test_unloadable_model_names_the_key(tmp_path, capsys):
+    assert main(["--dry-run", "--set", f"model.teacher={tmp_path / 'no_such_model'}"]) == 2
+    assert capsys.readouterr().err.startswith("error: model.teacher: cannot load")
+    assert main(["--set", f"model.student={tmp_path / 'no_such_model'}", "--set", f"train.run_dir={tmp_path / 'r'}"]) == 2
+    assert capsys.readouterr().err.startswith("error: model.student: cannot load")

@@ -98,12 +98,22 @@ def load_pretrained(cfg: Config, source: str, device: torch.device, *, trainable
             base, tokenizer, image_processor = load_pretrained(cfg, cfg.model.student, torch.device("cpu"), trainable=False, dtype=dtype, seed=seed)
             model = PeftModel.from_pretrained(base, source, is_trainable=trainable)
             return model.to(device), tokenizer, image_processor
-        model = AutoModelForImageTextToText.from_pretrained(source, dtype=dtype, attn_implementation=impl)
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        image_processor = AutoImageProcessor.from_pretrained(
-            source, backend="pil", size={"shortest_edge": cfg.data.min_pixels, "longest_edge": cfg.data.max_pixels})
+        with _loading(source, "model.teacher" if source == cfg.model.teacher else "model.student"):
+            model = AutoModelForImageTextToText.from_pretrained(source, dtype=dtype, attn_implementation=impl)
+            tokenizer = AutoTokenizer.from_pretrained(source)
+            image_processor = AutoImageProcessor.from_pretrained(
+                source, backend="pil", size={"shortest_edge": cfg.data.min_pixels, "longest_edge": cfg.data.max_pixels})
     tokenizer.padding_side = "left"
     return model.to(device), tokenizer, image_processor
+
+
+@contextmanager
+def _loading(source: str, key: str):
+    """Turn a failed model/tokenizer load (missing folder, no hub access) into a ConfigError."""
+    try:
+        yield
+    except OSError as e:
+        raise ConfigError(f"{key}: cannot load {source!r} (a local model folder or a cached hub id is needed): {e}") from None
 
 
 def base_model(model):
@@ -523,11 +533,11 @@ def build_plan(cfg: Config) -> str:
         else:
             from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
 
-            with torch.device("meta"):
+            with _loading(spec, f"model.{role}"), torch.device("meta"):
                 models[role] = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(spec))
-            tokenizers[role] = AutoTokenizer.from_pretrained(spec)
-            image_processor = AutoImageProcessor.from_pretrained(
-                spec, backend="pil", size={"shortest_edge": cfg.data.min_pixels, "longest_edge": cfg.data.max_pixels})
+                tokenizers[role] = AutoTokenizer.from_pretrained(spec)
+                image_processor = AutoImageProcessor.from_pretrained(
+                    spec, backend="pil", size={"shortest_edge": cfg.data.min_pixels, "longest_edge": cfg.data.max_pixels})
         if role == "student":
             student_ip = image_processor
     student, teacher = models["student"], models["teacher"]
