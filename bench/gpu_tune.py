@@ -89,7 +89,46 @@ def phases():
         torch.cuda.empty_cache()
 
 
+def end_to_end(chunks=(1024, 2048), repeats=3):
+    """``va_opd_loss`` forward+backward at the paper's shape for each chunk size, interleaved."""
+    from vaopd.kernels import va_opd_loss
+
+    n, vocab, ds, dt = 8192, 151936, 2048, 4096
+    g = torch.Generator(device="cuda").manual_seed(0)
+
+    def randn(*size, scale=1.0):
+        return torch.randn(*size, device="cuda", dtype=torch.bfloat16, generator=g).mul_(scale)
+
+    b, t = 8, n // 8
+    args = dict(
+        student_hidden=randn(b, t, ds).requires_grad_(), student_weight=randn(vocab, ds, scale=ds**-0.5).requires_grad_(),
+        teacher_hidden=randn(b, t, dt), teacher_ablated_hidden=randn(b, t, dt), teacher_weight=randn(vocab, dt, scale=dt**-0.5),
+        tokens=torch.randint(0, vocab, (b, t), device="cuda", generator=g), mask=torch.ones(b, t, dtype=torch.bool, device="cuda"),
+        group_ids=torch.arange(b, device="cuda") // 4,
+    )
+
+    def run(chunk):
+        args["student_hidden"].grad = args["student_weight"].grad = None
+        va_opd_loss(**args, chunk_size=chunk)[0].backward()
+
+    times = {c: [] for c in chunks}
+    for _ in range(repeats):
+        for c in chunks:
+            times[c].append(bench(lambda: run(c), reps=5))
+    for c in chunks:
+        args["student_hidden"].grad = args["student_weight"].grad = None
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        run(c)
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+        print(f"va_opd_loss N={n} V={vocab} D={ds}/{dt} bf16 chunk {c}: " + " ".join(f"{x * 1e3:.2f}" for x in times[c]) + f" ms; peak {peak:.0f} MiB", flush=True)
+
+
 if __name__ == "__main__":
+    if "--end-to-end" in sys.argv:
+        end_to_end()
+        sys.exit()
     phases()
     if "--kernels" in sys.argv:
         main()

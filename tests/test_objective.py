@@ -186,3 +186,20 @@ def test_vectorised_fast_enough_for_big_batches():
 def test_errors(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_token_groups_match_a_stable_sort_under_heavy_ties():
+    g = torch.Generator().manual_seed(2)
+    va = torch.randint(0, 3, (64, 40), generator=g).float()  # three values: ties everywhere
+    mask = torch.rand(64, 40, generator=g) > 0.3
+    mask[:, 7] = True
+    w = torch.ones(64)
+    c = token_coefficients(va, mask, w)
+    lengths = mask.sum(1)
+    n_high = torch.clamp(torch.ceil(lengths * 0.2 - 1e-9), min=1).long()
+    for b in range(64):
+        valid = mask[b].nonzero().flatten()
+        order = valid[torch.sort(va[b, valid], descending=True, stable=True).indices]
+        expected_high = set(order[: n_high[b]].tolist())
+        got_high = set((c[b] == c[b].max()).nonzero().flatten().tolist()) if n_high[b] < lengths[b] else set(valid.tolist())
+        assert got_high == expected_high, b
