@@ -28,7 +28,7 @@ setup(
     ],
     extras_require={
         "gpu": ["flash-attn"],
-        "dev": ["pytest", "pytest-benchmark>=5.2", "peft", "pyarrow", "tensorboard"],
+        "dev": ["pytest", "pytest-benchmark>=5.2", "matplotlib", "peft", "pyarrow", "tensorboard"],
         "lora": ["peft"],
         "parquet": ["pyarrow"],
         "tensorboard": ["tensorboard"],
