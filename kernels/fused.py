@@ -1,21 +1,22 @@
 """The fused VA-OPD loss: chunked LM-head products, row ops in Triton (GPU) or torch (CPU).
 
 No ``[tokens x vocab]`` tensor is ever allocated. Work runs over chunks of ``C`` token rows with
-two reusable ``[C, V]`` logits buffers in the input dtype:
+reusable logits buffers in the input dtype (``[C, V]``, plus ``[C/2, V]`` in phase B):
 
 - Phase A (no gradient): clean and ablated teacher logits per chunk, then the row op
   ``lse_gather`` gives the sampled-token log-probs. VA and the coefficients follow on ``[B, T]``
   tensors (``vaopd.objective``).
-- Phase B: student logits per chunk and clean-teacher logits per half chunk; ``reverse_kl_`` gives each row's KL and
-  student log-prob in one sweep and, because the coefficients are already known, overwrites the
-  student logits with ``dKL/ds`` in a second sweep. The chunk's input gradient
-  ``coef * (G @ W_S)`` and weight gradient ``G^T @ (coef * H_S)`` follow at once, so the
+- Phase B: student logits per chunk and clean-teacher logits per half chunk; ``reverse_kl_``
+  gives each row's KL and student log-prob in one sweep and, because the coefficients are already
+  known, overwrites the student logits with ``dKL/ds`` in a second sweep. The chunk's input
+  gradient ``coef * (G @ W_S)`` and weight gradient ``G^T @ (coef * H_S)`` follow at once, so the
   gradients are complete when the forward returns and backward only scales them.
 
-Why the LM-head products stay in cuBLAS: they are ~95% of the arithmetic (``2 N V D`` FLOPs each)
-and cuBLAS runs them near the card's peak on chunks of ~1K rows; the rest is memory-bound
-row work that one Triton kernel per chunk does in one or two reads of the logits. Fusing the
-products into Triton would mean writing a competitive GEMM for a small share of the time.
+Why the LM-head products stay in cuBLAS: they are most of the time (``2 N V D`` FLOPs each) and
+cuBLAS runs them at 680 to 780 TFLOP/s on an H100 on 1K to 2K-row chunks; the rest is
+memory-bound row work that one Triton kernel per chunk does in one or two reads of the logits,
+near the card's bandwidth (bench/RESULTS.md). Fusing the products into Triton would mean writing
+a GEMM that beats cuBLAS for a small share of the time.
 
 Coefficients are applied to rows of ``[C, D]`` tensors rather than to the logits gradient, so a
 bf16/fp16 gradient buffer holds ``pS (log pS - log pT - KL)`` at its natural scale and small
@@ -87,15 +88,15 @@ def _has_fp32_out_addmm(device: torch.device) -> bool:
     return _OUT_DTYPE_ADDMM[device]
 
 
-def _accumulate_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """``acc += a @ b`` with fp32 accumulation: cuBLAS's fp32 output where torch offers it, else an
-    fp32 copy of the chunk operands (bounded by the chunk)."""
+def _accumulate_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0) -> None:
+    """``acc += alpha * a @ b`` with fp32 accumulation: cuBLAS's fp32 output where torch offers it,
+    else an fp32 copy of the chunk operands (bounded by the chunk)."""
     if a.dtype == torch.float32:
-        acc.addmm_(a, b)
+        acc.addmm_(a, b, alpha=alpha)
     elif _has_fp32_out_addmm(a.device):
-        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+        torch.addmm(acc, a, b, alpha=alpha, out_dtype=torch.float32, out=acc)
     else:
-        acc.addmm_(a.float(), b.float())
+        acc.addmm_(a.float(), b.float(), alpha=alpha)
 
 
 def _logits(hidden: torch.Tensor, weight: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
@@ -156,19 +157,26 @@ def reverse_kl_forward(student_hidden, student_weight, teacher_hidden, teacher_w
 
     ``student_hidden [N, D_S]``, ``teacher_hidden [N, D_T]``, weights ``[V_*, D_*]``, ``coef [N]``
     fp32, ``tokens [N]`` int64 or None. Returns ``(kl [N] fp32, student_logp [N] fp32 or None,
-    grad_hidden [N, D_S] or None, grad_weight [V_S, D_S] or None)``.
+    grad_hidden [N, D_S] fp32 or None, grad_weight [V_S, D_S] fp32 or None)``.
     """
     n = student_hidden.shape[0]
     device = student_hidden.device
     ws, wt = student_weight[:vocab], teacher_weight[:vocab]
     kl = torch.empty(n, dtype=torch.float32, device=device)
     logp = torch.empty_like(kl) if tokens is not None else None
-    grad_hidden = torch.empty_like(student_hidden) if need_grad else None
+    # Both gradients stay fp32 until backward applies the upstream gradient (a loss scale, say):
+    # fp16 would flush gradients of realistic size (~1e-7) to zero before the scale could help.
+    grad_hidden = torch.empty(student_hidden.shape, dtype=torch.float32, device=device) if need_grad else None
     grad_weight = torch.zeros(student_weight.shape, dtype=torch.float32, device=device) if need_grad else None
     # The teacher's logits are needed one sub-chunk at a time, the student's (then their gradient)
     # for the whole chunk: a half-size teacher buffer buys the weight-gradient product twice the
     # depth per fp32 accumulation (each one reads and writes the whole [V, D_S] accumulator).
     sub = max(1, chunk // 2)
+    # Coefficients such as 1 / (K L P) can sit below fp16's normal range: scale the rows by
+    # coef / max(coef), in (0, 1], and apply max(coef) in fp32 (one host sync, outside the loop).
+    coef_max = float(coef.max()) if need_grad and n else 1.0
+    coef_max = coef_max if coef_max > 0 else 1.0
+    rel_coef = coef / coef_max
     s_buffer = student_hidden.new_empty(min(chunk, n), vocab)
     t_buffer = teacher_hidden.new_empty(min(sub, n), vocab)
     for start in range(0, n, chunk):
@@ -183,12 +191,8 @@ def reverse_kl_forward(student_hidden, student_weight, teacher_hidden, teacher_w
                 g[sub_start:sub_end], t, None if tokens is None else tokens[r], kl[r], None if logp is None else logp[r], need_grad
             )
         if need_grad:
-            c = coef[rows, None].to(h.dtype)
-            torch.matmul(g, ws, out=grad_hidden[rows])
-            grad_hidden[rows] *= c
-            _accumulate_fp32(grad_weight[:vocab], g.T, h * c)
-    if need_grad:
-        grad_weight = _finish_weight_grad(grad_weight, student_weight)
+            torch.mul(torch.matmul(g, ws), coef[rows, None], out=grad_hidden[rows])
+            _accumulate_fp32(grad_weight[:vocab], g.T, h * rel_coef[rows, None].to(h.dtype), alpha=coef_max)
     return kl, logp, grad_hidden, grad_weight
 
 
@@ -227,6 +231,7 @@ class ReverseKLFunction(torch.autograd.Function):
             student_hidden, student_weight, teacher_hidden, teacher_weight, coef, tokens, vocab, chunk, ops, need_grad
         )
         ctx.grads = (grad_hidden, grad_weight)
+        ctx.dtypes = (student_hidden.dtype, student_weight.dtype)
         loss = (coef * kl).sum()
         if logp is None:
             logp = torch.zeros_like(kl)
@@ -238,10 +243,10 @@ class ReverseKLFunction(torch.autograd.Function):
         if ctx.grads is None:
             raise RuntimeError("the fused reverse-KL loss holds its gradients once: backward can run only once per forward")
         grad_hidden, grad_weight = ctx.grads
-        ctx.grads = None  # free them, and scale in place: no second [V, D] copy at the peak
+        ctx.grads = None  # free them, and scale in place: no second fp32 [V, D] copy at the peak
         if grad_hidden is not None:
-            grad_hidden = grad_hidden.mul_(g_loss) if ctx.needs_input_grad[0] else None
-            grad_weight = grad_weight.mul_(g_loss) if ctx.needs_input_grad[1] else None
+            grad_hidden = grad_hidden.mul_(g_loss).to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
+            grad_weight = grad_weight.mul_(g_loss).to(ctx.dtypes[1]) if ctx.needs_input_grad[1] else None
         return grad_hidden, grad_weight, None, None, None, None, None, None, None
 
 

@@ -245,3 +245,23 @@ def test_building_block_errors():
 def test_interpreter_is_on_for_cpu_runs():
     if not torch.cuda.is_available():
         assert os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tiny_coefficients_keep_fp16_gradients_accurate_under_loss_scaling(backend):
+    # Realistic coefficients 1 / (K L P) ~ 4e-6 lie below fp16's normal range (6e-5).
+    g = torch.Generator().manual_seed(21)
+    sh = torch.randn(24, 32, generator=g).half().requires_grad_()
+    sw = (0.3 * torch.randn(V, 32, generator=g)).half().requires_grad_()
+    th, tw = torch.randn(24, 32, generator=g).half(), (0.3 * torch.randn(V, 32, generator=g)).half()
+    coef = torch.full((24,), 4e-6)
+    coef[::3] = 1.6e-5
+    loss, _ = fused_linear_reverse_kl(sh, sw, th, tw, coef, backend=backend, chunk_size=8)
+    scale = 2.0**16  # the gradients (~1e-7) need a loss scale in fp16, as in any fp16 training
+    (loss * scale).backward()
+    s2, w2 = sh.detach().double().requires_grad_(), sw.detach().double().requires_grad_()
+    ls = torch.log_softmax(s2 @ w2.T, -1)
+    lt = torch.log_softmax(th.double() @ tw.double().T, -1)
+    (coef.double() * (ls.exp() * (ls - lt)).sum(-1)).sum().backward()
+    assert rel_err(sw.grad.float() / scale, w2.grad) < 5e-3
+    assert rel_err(sh.grad.float() / scale, s2.grad) < 5e-3
