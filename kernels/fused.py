@@ -157,16 +157,19 @@ def reverse_kl_forward(student_hidden, student_weight, teacher_hidden, teacher_w
 
     ``student_hidden [N, D_S]``, ``teacher_hidden [N, D_T]``, weights ``[V_*, D_*]``, ``coef [N]``
     fp32, ``tokens [N]`` int64 or None. Returns ``(kl [N] fp32, student_logp [N] fp32 or None,
-    grad_hidden [N, D_S] fp32 or None, grad_weight [V_S, D_S] fp32 or None)``.
+    grad_hidden [N, D_S] or None (fp32 for fp16 inputs, else their dtype), grad_weight [V_S, D_S]
+    fp32 or None)``.
     """
     n = student_hidden.shape[0]
     device = student_hidden.device
     ws, wt = student_weight[:vocab], teacher_weight[:vocab]
     kl = torch.empty(n, dtype=torch.float32, device=device)
     logp = torch.empty_like(kl) if tokens is not None else None
-    # Both gradients stay fp32 until backward applies the upstream gradient (a loss scale, say):
-    # fp16 would flush gradients of realistic size (~1e-7) to zero before the scale could help.
-    grad_hidden = torch.empty(student_hidden.shape, dtype=torch.float32, device=device) if need_grad else None
+    # The gradients wait for backward's upstream gradient (a loss scale, say) in a format that
+    # can hold them: fp16 would flush realistic values (~1e-7) to zero before the scale could
+    # help, so fp16 inputs get an fp32 hidden-state gradient; bf16 has fp32's range.
+    grad_dtype = torch.float32 if student_hidden.dtype == torch.float16 else student_hidden.dtype
+    grad_hidden = torch.empty(student_hidden.shape, dtype=grad_dtype, device=device) if need_grad else None
     grad_weight = torch.zeros(student_weight.shape, dtype=torch.float32, device=device) if need_grad else None
     # The teacher's logits are needed one sub-chunk at a time, the student's (then their gradient)
     # for the whole chunk: a half-size teacher buffer buys the weight-gradient product twice the
