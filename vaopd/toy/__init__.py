@@ -1,0 +1,9 @@
+"""A vision-critical toy world in which OPD and VA-OPD can be compared on one CPU.
+
+- ``task``: the generated task (seven-segment digits that pixelation destroys, large coloured
+  squares that survive it) and its JSONL splits;
+- ``sft``: supervised fine-tuning of the tiny teacher and the warm-started student;
+- ``analysis``: accuracy per question kind, the teacher's VA distribution and the student's own
+  visual reliance on its rollouts;
+- ``compare``: ``python -m vaopd.toy.compare --out runs/toy`` runs everything end to end.
+"""
