@@ -38,11 +38,17 @@ def token_stats(stats: dict[str, torch.Tensor], mask: torch.Tensor, high_fractio
 
 
 class MetricsLogger:
-    """Appends one JSON line per step to ``<run_dir>/metrics.jsonl``; mirrors scalars to TB/W&B."""
+    """Appends one JSON line per step to ``<run_dir>/metrics.jsonl``; mirrors scalars to TB/W&B.
+
+    ``enabled=False`` (every rank but 0 of a distributed run) touches no file and logs nothing.
+    """
 
     def __init__(self, run_dir: Path, *, tensorboard: bool = False, wandb_project: str = "", config: dict | None = None,
-                 resume_step: int | None = None):
+                 resume_step: int | None = None, enabled: bool = True):
         self.path = Path(run_dir) / "metrics.jsonl"
+        self.enabled = enabled
+        if not enabled:
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.exists():
             # Drop lines of steps after the checkpoint: they will be redone.
@@ -68,6 +74,8 @@ class MetricsLogger:
 
     def log(self, record: dict) -> None:
         """Write ``record`` (must hold ``step``); non-finite floats are written as null."""
+        if not self.enabled:
+            return
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
         self._file.write(json.dumps(clean) + "\n")
         self._file.flush()
@@ -80,6 +88,8 @@ class MetricsLogger:
             self._wandb.log(scalars, step=record["step"])
 
     def close(self) -> None:
+        if not self.enabled:
+            return
         self._file.close()
         if self._tb is not None:
             self._tb.close()

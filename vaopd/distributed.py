@@ -1,0 +1,334 @@
+"""Data parallelism for the trainer: process group, FSDP2 sharding, the step's data layout, and the
+sibling-aware loss.
+
+A run is distributed when ``torchrun`` launched it (``RANK`` and ``WORLD_SIZE`` in the
+environment), even with one process; otherwise the trainer's single-process path runs unchanged.
+
+Data layout. An optimizer step holds ``P`` prompts x ``K`` responses = ``P K`` *slots*; slot ``j``
+is response ``j mod K`` of prompt ``j // K``. Micro-batch ``m`` covers the slots of prompts
+``[m M, (m + 1) M)`` and every micro-batch's slots are cut into ``N`` contiguous, near-equal parts,
+one per rank. Every rank therefore runs the same number of forward and backward passes (FSDP's
+collectives need that), and a sibling group lies either on one rank or across neighbouring ranks
+(when ``N`` does not divide ``M``, or ``M < N``).
+
+Split siblings. The VA-OPD weight of a response depends on its siblings' mean visual advantage,
+so each rank all-gathers ``(mean VA, group id)`` of its responses for the micro-batch and computes
+the rollout weights over the gathered ``[B_global]`` vectors with ``vaopd.objective``; the token
+split stays local (it needs only the response's own tokens). The loss is divided by the global
+``P``. FSDP's reduce-scatter *sums* the ranks' gradients (divide factor 1), so the step's gradient
+is the single-process gradient of the same global batch.
+"""
+from __future__ import annotations
+
+import copy
+import datetime
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_optimizer_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+from vaopd.kernels import fused_linear_logprobs, fused_linear_reverse_kl
+from vaopd.objective import rollout_weights, token_coefficients, visual_advantage
+
+__all__ = ["DistEnv", "Parallel", "launched_by_torchrun", "init_distributed", "shutdown", "HiddenAndHead", "shard_model",
+           "slot_layout", "generate_slots", "rollout_seed", "gather_rows", "sibling_coefficients", "sharded_va_opd_loss",
+           "reduce_sums", "any_rank", "clip_grad_norm", "load_full_optimizer_state"]
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """The process's place in the job (``world_size == 1`` and ``rank == 0`` when not distributed)."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def init_distributed(device_setting: str, timeout_s: float) -> DistEnv:
+    """Join the job torchrun started: NCCL with one GPU per local rank, gloo on CPUs.
+
+    ``timeout_s`` bounds every collective: a rank that died or hangs makes the others raise
+    instead of waiting forever. ``device_setting`` is ``train.device`` (``auto``, ``cpu``, ``cuda``).
+    """
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+    cuda = torch.cuda.is_available() and device_setting != "cpu"
+    device = torch.device("cuda", local) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s),
+                                device_id=device if cuda else None)
+    return DistEnv(rank, world, local, device)
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class HiddenAndHead(nn.Module):
+    """FSDP root over a transformers VLM whose forward returns ``(final hidden [B, S, D], lm_head.weight)``.
+
+    The fused loss needs the LM-head weight as a tensor, not the logits. Returning it from the
+    root's forward keeps it inside FSDP's bracket: gathered before, and its gradient
+    reduce-scattered after backward like any other parameter's. A frozen (teacher) root has no
+    backward to reshard it: call ``reshard()`` once the weight is no longer needed.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, **inputs) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = self.model.model(**inputs).last_hidden_state
+        return hidden, self.model.get_output_embeddings().weight
+
+
+def shard_model(model: nn.Module, *, param_dtype: torch.dtype | None, device: torch.device) -> HiddenAndHead:
+    """Shard ``model`` with FSDP2 over all ranks and return its ``HiddenAndHead`` root.
+
+    One FSDP unit per transformer block (``model._no_split_modules``: decoder layers and vision
+    blocks) and a root unit for the rest (embeddings, norms, LM head, patch merger).
+    ``param_dtype=bfloat16`` computes in bf16 with fp32 gradient reduction and fp32 sharded
+    master weights. Gradients are summed across ranks, not averaged: the loss is already divided
+    by the global prompt count.
+    """
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    blocks = set(getattr(model, "_no_split_modules", None) or ())
+    if not blocks:
+        raise ValueError(f"{type(model).__name__} names no transformer block class (_no_split_modules) to shard by")
+    units = [m for m in model.modules() if type(m).__name__ in blocks]
+    for unit in units:
+        fully_shard(unit, mesh=mesh, mp_policy=mp)
+    # The root stays gathered after forward (until backward, or an explicit reshard()), so the
+    # LM-head weight it returns can be used by the loss afterwards.
+    root = fully_shard(HiddenAndHead(model), mesh=mesh, mp_policy=mp, reshard_after_forward=False)
+    for unit in [*units, root]:
+        unit.set_gradient_divide_factor(1.0)
+        unit.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no PREMUL_SUM)
+    return root
+
+
+@dataclass
+class Parallel:
+    """What a distributed run adds to the trainer's setup.
+
+    ``student``: the FSDP2 root over the trainable student. ``teacher``: the FSDP2 root over the
+    teacher, or None when every rank holds a full replica (the setup's plain teacher).
+    ``replica``: an unsharded copy of the student for sampling and validation; ``generate`` runs a
+    data-dependent number of forward passes, which would desynchronise FSDP's per-forward
+    all-gathers across ranks, so it samples from this copy instead (refreshed by ``sync_replica``).
+    """
+
+    env: DistEnv
+    student: HiddenAndHead
+    teacher: HiddenAndHead | None
+    replica: nn.Module
+
+    def sync_replica(self) -> None:
+        """Copy the sharded student's current weights into ``replica`` (collective: all ranks)."""
+        full = get_model_state_dict(self.student.model, options=StateDictOptions(full_state_dict=True))
+        self.replica.load_state_dict(full)
+
+
+def replicate(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A frozen, unsharded copy of ``model`` in ``dtype`` (take it before sharding ``model``)."""
+    replica = copy.deepcopy(model).to(dtype)
+    replica.requires_grad_(False)
+    return replica
+
+
+def slot_layout(prompts: int, k: int, micro_prompts: int, world: int) -> list[list[range]]:
+    """``layout[m][r]``: the global slots (``prompt * k + sample``) of micro-batch ``m`` on rank ``r``.
+
+    Contiguous near-equal parts of each micro-batch's ``micro_prompts * k`` slots; needs
+    ``micro_prompts * k >= world`` so that every rank holds a response of every micro-batch.
+    """
+    if micro_prompts * k < world:
+        raise ValueError(f"a micro-batch holds {micro_prompts} x {k} responses, fewer than the {world} ranks")
+    layout = []
+    for first in range(0, prompts, micro_prompts):
+        start, size = first * k, micro_prompts * k
+        layout.append([range(start + r * size // world, start + (r + 1) * size // world) for r in range(world)])
+    return layout
+
+
+def generate_slots(rollout, prompts, slots: list[int], k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample the responses at global ``slots`` (``prompt * k + sample``, ascending) with ``rollout``.
+
+    Prompts with the same number of local slots go to one ``rollout.generate(prompts, n)`` call
+    (whole groups: ``n = k``). Returns ``tokens [len(slots), T]`` int64 and ``mask [len(slots), T]``
+    bool rows in ``slots`` order, right-padded with masked zeros to a common width.
+    """
+    per_prompt: dict[int, int] = {}
+    for slot in slots:
+        per_prompt[slot // k] = per_prompt.get(slot // k, 0) + 1
+    rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    for n in sorted(set(per_prompt.values())):
+        owners = [p for p, c in per_prompt.items() if c == n]
+        tokens, mask = rollout.generate(prompts.select(owners), n)
+        for i, p in enumerate(owners):
+            first = min(s for s in slots if s // k == p)
+            for j in range(n):
+                rows[first + j] = tokens[i * n + j], mask[i * n + j]
+    width = max(t.shape[0] for t, _ in rows.values())
+    tokens = torch.zeros(len(slots), width, dtype=torch.long)
+    mask = torch.zeros(len(slots), width, dtype=torch.bool)
+    for i, slot in enumerate(slots):
+        t, m = rows[slot]
+        tokens[i, : t.shape[0]], mask[i, : m.shape[0]] = t, m.bool()
+    return tokens, mask
+
+
+def rollout_seed(seed: int, step: int, rank: int) -> int:
+    """The sampling seed of ``rank`` at ``step``: different on every rank (split siblings must not
+    repeat each other), and a function of the step alone, so a resumed run samples as the
+    uninterrupted one would on the same number of ranks."""
+    return (seed * 1_000_003 + step) * 65_537 + rank
+
+
+def gather_rows(local: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """All ranks' ``[n_r, ...]`` tensors stacked in rank order, ``[sum(counts), ...]``.
+
+    ``counts[r]`` is rank r's row count (every rank knows the layout); rows are padded to the
+    largest count for the collective and trimmed after.
+    """
+    width = max(counts)
+    padded = local.new_zeros((width, *local.shape[1:]))
+    padded[: local.shape[0]] = local
+    parts = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:n] for p, n in zip(parts, counts)])
+
+
+def sibling_coefficients(method: str, va: torch.Tensor, mask: torch.Tensor, group_ids: torch.Tensor, counts: list[int], *,
+                         temperature: float, high_fraction: float, high_weight: float) -> torch.Tensor:
+    """Loss coefficients ``[B, T]`` fp32 of this rank's responses, with siblings on any rank.
+
+    ``va``/``mask`` ``[B, T]`` (every row has a valid token), ``group_ids`` ``[B]`` int64 global
+    prompt indices, ``counts`` every rank's ``B`` for this micro-batch. Each response's mean VA and
+    group id are all-gathered; the rollout weights (``va_opd``: softmax of the z-scored means in a
+    group; ``opd``: ``1 / K_g``) are computed on the gathered vectors, exactly as on one process.
+    """
+    mask = mask.bool()
+    lengths = mask.sum(dim=1)
+    # The same fp32 mean rollout_weights takes; carried in fp64 so ids and means travel exactly.
+    means = torch.where(mask, va.float(), 0.0).sum(dim=1) / lengths
+    gathered = gather_rows(torch.stack([means.double(), group_ids.double()], dim=1), counts)
+    all_means, all_ids = gathered[:, 0].float(), gathered[:, 1].long()
+    offset = sum(counts[: dist.get_rank()])
+    ones = torch.ones(len(all_ids), 1, dtype=torch.bool, device=va.device)
+    if method == "va_opd":
+        weights = rollout_weights(all_means[:, None], ones, all_ids, temperature=temperature)[offset: offset + len(means)]
+        return token_coefficients(va, mask, weights, high_fraction, high_weight)
+    _, index = torch.unique(all_ids, return_inverse=True)
+    sizes = torch.zeros(int(index.max()) + 1, device=va.device).index_add_(0, index, torch.ones_like(all_means))
+    k = sizes[index][offset: offset + len(means)]
+    return mask.float() / (k * lengths)[:, None]
+
+
+def sharded_va_opd_loss(student_hidden, student_weight, teacher_hidden, teacher_ablated_hidden, teacher_weight, tokens, mask,
+                        group_ids, counts: list[int], *, method: str, kl_estimator: str, vocab_size: int, num_prompts: int,
+                        temperature: float, high_fraction: float, high_weight: float, backend: str, chunk_size: int | None):
+    """``vaopd.kernels.va_opd_loss`` for one rank's share of a micro-batch whose sibling groups may
+    continue on other ranks.
+
+    Arguments are ``va_opd_loss``'s (``[B, T, D]`` hidden states, ``[V, D]`` LM heads, ``[B, T]``
+    tokens and mask, ``[B]`` group ids) plus ``counts``, every rank's ``B``. Phase A (teacher
+    log-probs of both views, hence VA) runs locally, the rollout weights come from the gathered
+    statistics (``sibling_coefficients``), and phase B is ``fused_linear_reverse_kl`` (or the
+    sampled estimator's policy-gradient form) with the coefficients divided by the *global*
+    ``num_prompts``. The sum of every rank's loss is the single-process loss.
+
+    Returns ``(loss, stats)`` with ``stats`` holding ``[B, T]`` fp32 ``kl``, ``va`` and ``coef``.
+    """
+    mask = mask.bool()
+    tok = tokens[mask].long()
+    kw = dict(backend=backend, chunk_size=chunk_size)
+
+    def spread(values: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_scatter_(mask, values.float())
+
+    teacher_rows = teacher_hidden.detach()[mask]
+    with torch.no_grad():
+        t_logp, _ = fused_linear_logprobs(teacher_rows, teacher_weight.detach(), tok, vocab_size, **kw)
+        if teacher_ablated_hidden is not None:
+            a_logp, _ = fused_linear_logprobs(teacher_ablated_hidden.detach()[mask], teacher_weight.detach(), tok, vocab_size, **kw)
+            va = visual_advantage(spread(t_logp), spread(a_logp), mask)
+        else:
+            va = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+        coef = sibling_coefficients(method, va, mask, group_ids, counts, temperature=temperature,
+                                    high_fraction=high_fraction, high_weight=high_weight)
+        coef_rows = coef[mask] / num_prompts
+    student_rows = student_hidden[mask]
+    if kl_estimator == "full":
+        loss, kl = fused_linear_reverse_kl(student_rows, student_weight, teacher_rows, teacher_weight.detach(), coef_rows,
+                                           vocab_size, **kw)
+    else:
+        s_logp, _ = fused_linear_logprobs(student_rows, student_weight, tok, vocab_size, **kw)
+        kl = s_logp.detach() - t_logp
+        # Value sum(c k); gradient sum(c k grad log pS(y)), as va_opd_loss's sampled estimator.
+        loss = (coef_rows * kl * (1.0 + s_logp - s_logp.detach())).sum()
+    return loss, {"kl": spread(kl.detach()), "va": va, "coef": coef}
+
+
+def reduce_sums(sums: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Every rank's metric sums added up (``va_max``: the maximum), identical on all ranks."""
+    keys = sorted(sums)
+    values = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=device)
+    peak = values.clone()
+    dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    return {k: float(peak[i] if k == "va_max" else values[i]) for i, k in enumerate(keys)}
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when ``flag`` is True on any (e.g. a stop signal that reached one rank)."""
+    value = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> float:
+    """Global gradient 2-norm of sharded (DTensor) gradients, clipped to ``max_norm`` in place.
+
+    The norm of a sharded gradient is a partial sum on each rank; ``full_tensor`` reduces it so
+    every rank clips by, and reports, the norm of the whole model's gradient.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+    if isinstance(norm, DTensor):
+        norm = norm.full_tensor()
+    if math.isfinite(max_norm):
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return float(norm)
+
+
+def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load a single-process ``optimizer.state_dict()`` (parameters numbered in the order of
+    ``optimizer.param_groups``) into the optimizer of the sharded ``model``: the numbers become
+    parameter names, and ``set_optimizer_state_dict`` shards each full state tensor."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    named = {
+        "state": {order[i]: v for i, v in state["state"].items()},
+        "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in state["param_groups"]],
+    }
+    set_optimizer_state_dict(model, optimizer, named, options=StateDictOptions(full_state_dict=True))

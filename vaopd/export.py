@@ -1,0 +1,69 @@
+"""``python -m vaopd.export --checkpoint DIR --out DIR``: the student of a checkpoint as one
+consolidated ``save_pretrained`` folder (safetensors, config, tokenizer, image processor) for
+inference with ``from_pretrained`` or ``vaopd.eval``.
+
+Both checkpoint layouts work (``vaopd.checkpoint``): a single-process checkpoint's ``model/``
+already holds full safetensors and is re-saved as is; a sharded (torchrun) checkpoint's weights
+are read from its ``dcp/`` shards into a model built from ``model/config.json``, on one process,
+whatever number of ranks wrote them.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from vaopd.checkpoint import is_sharded_checkpoint, load_sharded_state
+
+__all__ = ["export", "main"]
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def export(checkpoint: str | Path, out: str | Path, dtype: str = "float32") -> Path:
+    """Write the student of ``checkpoint`` to ``out`` as safetensors in ``dtype``; returns ``out``."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    checkpoint, out = Path(checkpoint), Path(out)
+    model_dir = checkpoint / "model"
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"{checkpoint} is not a checkpoint folder (no model/)")
+    if (model_dir / "adapter_config.json").is_file():
+        raise ValueError(f"{checkpoint} holds a LoRA adapter: load it with peft onto model.student, or merge it there")
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} exists and is not empty")
+    if is_sharded_checkpoint(checkpoint):
+        model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(model_dir), dtype=torch.float32)
+        load_sharded_state(checkpoint, model)
+    else:
+        model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32)
+    # Tokenizer, image processor, chat template and generation config travel unchanged.
+    shutil.copytree(model_dir, out, ignore=shutil.ignore_patterns("*.safetensors", "*.safetensors.index.json"),
+                    dirs_exist_ok=True)
+    model.to(_DTYPES[dtype]).save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vaopd.export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", required=True, help="a checkpoints/step_NNNNNNNN folder (single-process or sharded)")
+    parser.add_argument("--out", required=True, help="output folder (created; must be empty if it exists)")
+    parser.add_argument("--dtype", choices=sorted(_DTYPES), default="float32", help="weights' dtype (default float32)")
+    args = parser.parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    try:
+        out = export(args.checkpoint, args.out, args.dtype)
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"exported {args.checkpoint} to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
