@@ -144,6 +144,10 @@ class LogConfig:
     wandb_project: str = ""
     # Warn loudly when every token's VA of a step is below this (the teacher may not see images).
     va_warn_threshold: float = 1e-4
+    # Every N steps (and at the first), per-token data of the step's first `rollouts_per_log`
+    # rollouts go to <run_dir>/rollouts.jsonl for `python -m vaopd.inspect`; 0 = off.
+    rollouts_every: int = 0
+    rollouts_per_log: int = 4
 
 
 @dataclass
@@ -176,6 +180,7 @@ class Config:
             "loss.patch_size": self.loss.patch_size,
             "model.lora.r": self.model.lora.r,
             "train.max_bad_steps": self.train.max_bad_steps,
+            "log.rollouts_per_log": self.log.rollouts_per_log,
             "train.keep_checkpoints": self.train.keep_checkpoints,
         }
         for key, value in positive.items():
@@ -193,6 +198,7 @@ class Config:
             "train.checkpoint_every": self.train.checkpoint_every,
             "eval.every": self.eval.every,
             "eval.max_questions": self.eval.max_questions,
+            "log.rollouts_every": self.log.rollouts_every,
             "data.tiny_train_size": self.data.tiny_train_size,
             "data.tiny_val_size": self.data.tiny_val_size,
             "loss.blur_radius": self.loss.blur_radius,

@@ -39,6 +39,7 @@ from vaopd.checkpoint import latest_checkpoint, load_trainer_state, rng_state, s
 from vaopd.config import Config, ConfigError, load_config, to_dict, to_yaml
 from vaopd.data import Dataset, DataError, load_records, step_indices, tiny_records
 from vaopd.eval import evaluate
+from vaopd.inspect import write_rollouts
 from vaopd.kernels import va_opd_loss
 from vaopd.metrics import MetricsLogger, token_stats
 from vaopd.rollout import HFGenerate, PromptBatch, RolloutBackend, banned_token_ids, encode_prompts, prompt_pixels
@@ -296,6 +297,47 @@ class Timer:
         return time.perf_counter()
 
 
+@torch.no_grad()
+def log_rollouts(cfg: Config, s: Setup, step: int, records, prompts: PromptBatch, tokens, mask) -> None:
+    """Append per-token data of the step's first rollouts to ``rollouts.jsonl`` (``log.rollouts_every``).
+
+    Teacher and student log-probs of each sampled token with the clean and the ablated image
+    (the ablation the loss uses, computed here for OPD too), so ``vaopd.inspect`` can show the
+    teacher's VA and high group beside the student's own visual reliance. Runs before the
+    optimizer step: the student is still the policy that sampled these tokens.
+    """
+    K, l = cfg.rollout.samples_per_prompt, cfg.loss
+    rows = torch.arange(min(cfg.log.rollouts_per_log, tokens.shape[0]))
+    owners = (rows // K).tolist()
+    images = [ablate(records[i].image, l.ablation, seed=cfg.train.seed * 1_000_003 + step * cfg.train.prompts_per_step + i,
+                     pixelate_factor=l.pixelate_factor, blur_radius=l.blur_radius, noise_std=l.noise_std,
+                     patch_size=l.patch_size, patch_fraction=l.patch_fraction) for i in owners]
+    m_prompts = prompts.select(owners)
+    grid = m_prompts.image_grid_thw
+    ablated = prompt_pixels(images, s.image_processor, grid).to(s.device)
+    m_prompts = m_prompts.to(s.device)
+    m_tokens, m_mask = tokens[rows].to(s.device), mask[rows].to(s.device)
+    lp = m_prompts.input_ids.shape[1]
+
+    def logp(hidden, weight):
+        logits = hidden.float() @ weight[:s.vocab_size].float().T
+        return torch.log_softmax(logits, -1).gather(-1, m_tokens.unsqueeze(-1)).squeeze(-1)
+
+    t_clean, t_abl = teacher_hidden(s.teacher, m_prompts, ablated, m_tokens, m_mask)
+    t_weight = s.teacher.get_output_embeddings().weight
+    model = base_model(s.student)
+    was_training = s.student.training
+    s.student.eval()
+    s_clean = model.model(**scoring_inputs(m_prompts, m_tokens, m_mask)).last_hidden_state[:, lp - 1:]
+    s_abl = model.model(**scoring_inputs(m_prompts.with_pixels(ablated), m_tokens, m_mask)).last_hidden_state[:, lp - 1:]
+    s.student.train(was_training)
+    s_weight = model.get_output_embeddings().weight
+    write_rollouts(run_dir_of(cfg) / "rollouts.jsonl", step=step + 1, method=cfg.loss.method, tokenizer=s.tokenizer,
+                   tokens=m_tokens, mask=m_mask, prompt_ids=owners, records=[records[i] for i in owners],
+                   high_fraction=l.high_fraction, teacher_logp=logp(t_clean, t_weight), teacher_ablated_logp=logp(t_abl, t_weight),
+                   student_logp=logp(s_clean, s_weight), student_ablated_logp=logp(s_abl, s_weight))
+
+
 def train_step(cfg: Config, s: Setup, optimizer, scheduler, step: int) -> dict:
     """Run optimizer step ``step`` (0-based) and return its metrics (``skipped`` if non-finite)."""
     P, K = cfg.train.prompts_per_step, cfg.rollout.samples_per_prompt
@@ -347,6 +389,8 @@ def train_step(cfg: Config, s: Setup, optimizer, scheduler, step: int) -> dict:
         for k, v in token_stats(stats, m_mask, cfg.loss.high_fraction).items():
             sums[k] = max(sums.get(k, 0.0), v) if k == "va_max" else sums.get(k, 0.0) + v
 
+    if cfg.log.rollouts_every and step % cfg.log.rollouts_every == 0:
+        log_rollouts(cfg, s, step, records, prompts, tokens, mask)
     with timer("optimizer"):
         params = [p for p in s.student.parameters() if p.requires_grad]
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
@@ -426,6 +470,8 @@ def train(cfg: Config, *, resume: str | bool | None = None, handle_signals: bool
                               f"(data position {state['data_position']} at step {step})")
     first_step = step
     run_dir.mkdir(parents=True, exist_ok=True)
+    if not ckpt:
+        (run_dir / "rollouts.jsonl").unlink(missing_ok=True)
     config_yaml = to_yaml(cfg)
     (run_dir / "config.yaml").write_text(config_yaml, encoding="utf-8")
     logger = MetricsLogger(run_dir, tensorboard=cfg.log.tensorboard, wandb_project=cfg.log.wandb_project,
