@@ -1,0 +1,45 @@
+"""Smoke run of the toy comparison pipeline (tiny sizes, one seed, two steps) and the SFT loss."""
+import json
+
+import torch
+import yaml
+
+from vaopd.tiny import build_image_processor, build_model, build_tokenizer
+from vaopd.toy.compare import QUICK, Settings, run
+from vaopd.toy.sft import load_split, train_sft
+from vaopd.toy.task import write_splits
+
+
+def test_sft_fits_a_small_batch(tmp_path):
+    files = write_splits(tmp_path, seed=0, sizes={"train": 8})
+    records, rows = load_split(files["train"])
+    tokenizer, image_processor = build_tokenizer(), build_image_processor(64 * 64, 64 * 64)
+    model = build_model("student", tokenizer, seed=0)
+    losses = train_sft(model, tokenizer, image_processor, records, {k: r["response"] for k, r in rows.items()},
+                       steps=30, batch_size=8, lr=1e-2, seed=0, instruction="", log_every=0)
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_comparison_pipeline_smoke(tmp_path):
+    torch.manual_seed(0)
+    results = run(tmp_path, Settings(**QUICK))
+    runs = {(r["method"], r["seed"]) for r in results["runs"]}
+    assert runs == {("opd", 0), ("va_opd", 0)}
+    for r in results["runs"]:
+        assert set(r["accuracy"]) == {"detail", "coarse"}
+        assert all(0.0 <= v <= 1.0 for v in r["accuracy"].values())
+        assert r["profile"]["detail"]["tokens"] > 0
+    # Both runs start from the same student and differ only in the loss.
+    configs = {m: yaml.safe_load((tmp_path / "runs" / f"{m}_s0" / "config.yaml").read_text()) for m in ("opd", "va_opd")}
+    assert configs["opd"]["model"] == configs["va_opd"]["model"]
+    assert configs["opd"]["model"]["student"] == str(tmp_path / "student")
+    configs["opd"]["loss"].pop("method"), configs["va_opd"]["loss"].pop("method")
+    configs["opd"]["train"].pop("run_dir"), configs["va_opd"]["train"].pop("run_dir")
+    assert configs["opd"] == configs["va_opd"]
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["summary"]["va_opd"]["accuracy.detail"]["n"] == 1
+    table = (tmp_path / "results.md").read_text()
+    assert "va_opd after (1 seeds)" in table and "teacher (SFT)" in table
+    page = (tmp_path / "inspect" / "index.html").read_text()
+    assert "va_opd_s0 (va_opd)" in page and "opd_s0 (opd)" in page and 'class="tok high"' in page
+    assert (tmp_path / "inspect" / "curves.png").is_file()

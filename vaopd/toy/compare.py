@@ -1,0 +1,276 @@
+"""``python -m vaopd.toy.compare --out runs/toy``: the whole OPD vs VA-OPD comparison on the toy task.
+
+1. Write the task's splits (``OUT/data``).
+2. SFT the teacher until it reads the digits, and the student briefly (``OUT/teacher``,
+   ``OUT/student``; both are reused when already there, so a rerun only redoes the comparison).
+3. Measure the starting point on the test split: teacher and student accuracy per question kind,
+   and the visual profile of the student's rollouts (the teacher's VA concentration, the
+   student's own visual reliance; see ``vaopd.toy.analysis``).
+4. For every seed, distil the student with OPD and with VA-OPD under ``configs/toy.yaml``: the
+   same student checkpoint, data order, steps and settings, only ``loss.method`` differs
+   (``OUT/runs/<method>_s<seed>``, with ``rollouts.jsonl`` for the inspect page). Then measure each
+   final student the same way. Jobs run in ``--workers`` processes with one thread each: these
+   models are too small for threads to help, and the machine has two cores.
+5. Write ``OUT/results.json``, ``OUT/results.md`` (the table) and ``OUT/inspect/`` (HTML page and
+   curves, as ``python -m vaopd.inspect OUT/runs`` would).
+
+``--quick`` shrinks everything for a smoke test.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+import multiprocessing
+
+import torch
+
+__all__ = ["Settings", "QUICK", "run", "main"]
+
+CONFIG = Path(__file__).resolve().parents[2] / "configs" / "toy.yaml"
+
+
+@dataclass
+class Settings:
+    data_seed: int = 0
+    train_size: int = 2000
+    val_size: int = 64
+    test_size: int = 200
+    teacher_steps: int = 1000
+    teacher_lr: float = 3e-3
+    student_steps: int = 120
+    student_lr: float = 3e-3
+    sft_batch: int = 32
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    distill_steps: int = 150
+    # Test-time sampling for accuracy and for the visual profiles.
+    eval_samples: int = 2
+    eval_temperature: float = 1.0
+    profile_samples: int = 2
+    max_new_tokens: int = 32
+    workers: int = 2
+    extra: list[str] = field(default_factory=list)  # --set overrides for the distillation runs
+
+
+QUICK = dict(train_size=64, val_size=8, test_size=16, teacher_steps=4, student_steps=2, sft_batch=8, seeds=[0],
+             distill_steps=2, eval_samples=1, profile_samples=1, max_new_tokens=24, workers=1,
+             extra=["train.prompts_per_step=2", "rollout.samples_per_prompt=2", "eval.every=1", "log.rollouts_every=1"])
+
+
+def _log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _kinds(rows: dict[str, dict]) -> dict[str, str]:
+    return {k: r["kind"] for k, r in rows.items()}
+
+
+def _measure(model_dir: Path, teacher_dir: Path, data: Path, st: Settings, seed: int) -> dict:
+    """Accuracy per kind and the visual profile of ``model_dir`` on the test split."""
+    from vaopd.config import load_config
+    from vaopd.toy.analysis import accuracy_by_kind, visual_profile
+    from vaopd.toy.sft import load_split
+    from vaopd.train import load_pretrained
+
+    cfg = load_config(CONFIG)
+    cpu = torch.device("cpu")
+    model, tokenizer, image_processor = load_pretrained(cfg, str(model_dir), cpu, trainable=False)
+    teacher, _, _ = load_pretrained(cfg, str(teacher_dir), cpu, trainable=False)
+    model.eval()
+    teacher.eval()
+    records, rows = load_split(data / "test.jsonl")
+    kinds = _kinds(rows)
+    return {
+        "accuracy": accuracy_by_kind(model, tokenizer, image_processor, records, kinds, samples=st.eval_samples,
+                                     temperature=st.eval_temperature, max_new_tokens=st.max_new_tokens, seed=seed),
+        "profile": visual_profile(model, teacher, tokenizer, image_processor, records, kinds, samples=st.profile_samples,
+                                  temperature=st.eval_temperature, max_new_tokens=st.max_new_tokens, seed=seed,
+                                  high_fraction=cfg.loss.high_fraction, pixelate_factor=cfg.loss.pixelate_factor),
+    }
+
+
+def _distill(out: Path, st: Settings, method: str, seed: int) -> dict:
+    """One distillation run and the measurement of its final student (runs in a worker process)."""
+    torch.set_num_threads(1)
+    from transformers.utils import logging as hf_logging
+
+    from vaopd.config import load_config
+    from vaopd.train import train
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    run_dir = out / "runs" / f"{method}_s{seed}"
+    data = out / "data"
+    cfg = load_config(CONFIG, [
+        f"model.student={out / 'student'}", f"model.teacher={out / 'teacher'}",
+        f"data.train={data / 'train.jsonl'}", f"data.val={data / 'val.jsonl'}",
+        f"train.run_dir={run_dir}", f"train.seed={seed}", f"loss.method={method}",
+        f"train.max_steps={st.distill_steps}", f"rollout.max_new_tokens={st.max_new_tokens}",
+        f"eval.max_new_tokens={st.max_new_tokens}", *st.extra,
+    ])
+    start = time.perf_counter()
+    result = train(cfg)
+    seconds = time.perf_counter() - start
+    measured = _measure(result.checkpoint / "model", out / "teacher", data, st, seed=1000 + seed)
+    return {"method": method, "seed": seed, "train_seconds": seconds, "run_dir": str(run_dir), **measured}
+
+
+def _sft(out: Path, st: Settings) -> dict:
+    from vaopd.config import load_config
+    from vaopd.toy.sft import sft_model
+
+    cfg = load_config(CONFIG)
+    times = {}
+    for preset, steps, lr in (("teacher", st.teacher_steps, st.teacher_lr), ("student", st.student_steps, st.student_lr)):
+        target = out / preset
+        if (target / "config.json").is_file():
+            _log(f"{preset}: reusing {target}")
+            continue
+        _log(f"{preset}: SFT for {steps} steps")
+        start = time.perf_counter()
+        sft_model(preset, out / "data" / "train.jsonl", target, steps=steps, batch_size=st.sft_batch, lr=lr,
+                  seed=st.data_seed, instruction=cfg.data.instruction, min_pixels=cfg.data.min_pixels,
+                  max_pixels=cfg.data.max_pixels, log=_log)
+        times[preset] = time.perf_counter() - start
+    return times
+
+
+def _summary(rows: list[dict]) -> dict:
+    """Mean and sample std over seeds of every number of the per-run measurements."""
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            if isinstance(v, dict):
+                out.update(flat(v, f"{prefix}{k}."))
+            elif isinstance(v, (int, float)) and not isinstance(v, bool):
+                out[f"{prefix}{k}"] = float(v)
+        return out
+
+    flats = [flat({"accuracy": r["accuracy"], "profile": r["profile"]}) for r in rows]
+    out = {}
+    for key in flats[0]:
+        values = [f[key] for f in flats if not math.isnan(f[key])]
+        out[key] = {"mean": statistics.fmean(values) if values else math.nan,
+                    "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
+    return out
+
+
+def _table(results: dict) -> str:
+    """The markdown table of results.md."""
+    def cell(stats: dict, key: str) -> str:
+        s = stats.get(key)
+        if s is None or math.isnan(s["mean"]):
+            return "-"
+        return f"{s['mean']:.3f} ± {s['std']:.3f}" if s["n"] > 1 else f"{s['mean']:.3f}"
+
+    def single(m: dict) -> dict:
+        return _summary([m])
+
+    columns = [
+        ("accuracy.detail", "acc. detail"), ("accuracy.coarse", "acc. coarse"),
+        ("profile.detail.student_reliance_per_token", "student reliance / token (detail)"),
+        ("profile.detail.student_reliance_high_tokens", "student reliance on teacher-high tokens (detail)"),
+        ("profile.coarse.student_reliance_per_token", "student reliance / token (coarse)"),
+        ("profile.detail.teacher_high_share", "teacher VA share of top 20 % (detail)"),
+        ("profile.detail.teacher_frac_tokens_80pct", "tokens holding 80 % of VA (detail)"),
+        ("profile.coarse.teacher_high_share", "teacher VA share of top 20 % (coarse)"),
+    ]
+    lines = ["| model | " + " | ".join(c[1] for c in columns) + " |", "|" + "---|" * (len(columns) + 1)]
+    rows = [("teacher (SFT)", {"accuracy." + k: {"mean": v, "std": 0.0, "n": 1} for k, v in results["teacher"]["accuracy"].items()}),
+            ("student before (SFT)", single(results["student_before"]))]
+    for method in ("opd", "va_opd"):
+        if method in results["summary"]:
+            n = len([r for r in results["runs"] if r["method"] == method])
+            rows.append((f"{method} after ({n} seeds)", results["summary"][method]))
+    for name, stats in rows:
+        lines.append(f"| {name} | " + " | ".join(cell(stats, c[0]) for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def run(out: str | Path, st: Settings) -> dict:
+    """The full comparison into ``out``; returns what ``results.json`` holds."""
+    from vaopd.inspect import find_runs, plot_curves, render_page
+    from vaopd.toy.task import write_splits
+
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    # One thread: these models are too small for intra-op threads to pay off on a shared 2-core box.
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    timings: dict[str, float] = {}
+    data = out / "data"
+    sizes = {"train": st.train_size, "val": st.val_size, "test": st.test_size}
+    stamp = data / "sizes.json"
+    wanted = json.dumps({"seed": st.data_seed, **sizes})
+    if not stamp.is_file() or stamp.read_text() != wanted:
+        _log(f"writing the task's splits to {data} {sizes}")
+        write_splits(data, st.data_seed, sizes)
+        stamp.write_text(wanted)
+    timings["sft"] = sum(_sft(out, st).values())
+    _log("measuring the teacher and the starting student on the test split")
+    start = time.perf_counter()
+    teacher = _measure(out / "teacher", out / "teacher", data, st, seed=999)
+    before = _measure(out / "student", out / "teacher", data, st, seed=999)
+    timings["measure_before"] = time.perf_counter() - start
+    _log(f"teacher accuracy {teacher['accuracy']}, student accuracy {before['accuracy']}")
+
+    jobs = [(m, s) for s in st.seeds for m in ("opd", "va_opd")]
+    _log(f"{len(jobs)} distillation runs of {st.distill_steps} steps in {st.workers} worker(s)")
+    start = time.perf_counter()
+    runs = []
+    if st.workers > 1:
+        with ProcessPoolExecutor(st.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = [pool.submit(_distill, out, st, m, s) for m, s in jobs]
+            for f in futures:
+                runs.append(f.result())
+                _log(f"{runs[-1]['method']} seed {runs[-1]['seed']}: accuracy {runs[-1]['accuracy']} "
+                     f"({runs[-1]['train_seconds']:.0f} s training)")
+    else:
+        for m, s in jobs:
+            runs.append(_distill(out, st, m, s))
+            _log(f"{m} seed {s}: accuracy {runs[-1]['accuracy']} ({runs[-1]['train_seconds']:.0f} s training)")
+    timings["distill"] = time.perf_counter() - start
+    results = {
+        "settings": asdict(st), "teacher": teacher, "student_before": before, "runs": runs,
+        "summary": {m: _summary([r for r in runs if r["method"] == m]) for m in ("opd", "va_opd")},
+    }
+    run_dirs = find_runs(out / "runs")
+    curves = plot_curves(run_dirs, out / "inspect" / "curves.png")
+    render_page(run_dirs, out / "inspect", curves.name if curves else None)
+    timings["total"] = time.perf_counter() - t0
+    results["timings_s"] = timings
+    (out / "results.json").write_text(json.dumps(results, indent=1), encoding="utf-8")
+    (out / "results.md").write_text(_table(results) + "\n", encoding="utf-8")
+    _log(f"done in {timings['total']:.0f} s: {out / 'results.md'}, {out / 'inspect' / 'index.html'}")
+    print(_table(results))
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vaopd.toy.compare", description="OPD vs VA-OPD on the toy task.")
+    parser.add_argument("--out", default="runs/toy")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None)
+    parser.add_argument("--steps", type=int, default=None, help="distillation steps per run")
+    parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test of the pipeline")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="trainer override for the distillation runs")
+    args = parser.parse_args(argv)
+    st = Settings(**QUICK) if args.quick else Settings()
+    if args.seeds is not None:
+        st.seeds = args.seeds
+    if args.steps is not None:
+        st.distill_steps = args.steps
+    if args.workers is not None:
+        st.workers = args.workers
+    st.extra = st.extra + list(args.set)
+    run(args.out, st)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
