@@ -17,7 +17,7 @@ import yaml
 
 __all__ = [
     "ConfigError", "ModelConfig", "LoraConfig", "DataConfig", "RolloutConfig", "LossConfig",
-    "OptimConfig", "TrainConfig", "EvalConfig", "LogConfig", "Config", "load_config", "to_dict", "to_yaml",
+    "OptimConfig", "TrainConfig", "EvalConfig", "LogConfig", "DistributedConfig", "Config", "load_config", "to_dict", "to_yaml",
 ]
 
 
@@ -151,6 +151,17 @@ class LogConfig:
 
 
 @dataclass
+class DistributedConfig:
+    # Read only under torchrun (RANK and WORLD_SIZE set); a plain process ignores this section.
+    # The student is always sharded with FSDP2. The frozen teacher is either a full copy on every
+    # rank ("replica": no communication, full memory) or sharded like the student ("fsdp").
+    teacher: Literal["replica", "fsdp"] = "replica"
+    # Bound on every collective (init_process_group timeout): when a rank dies or hangs, the
+    # others fail after this many seconds instead of waiting forever.
+    timeout_s: float = 600.0
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -160,6 +171,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def validate(self) -> None:
         """Value checks beyond types; raises ``ConfigError`` naming the key."""
@@ -182,6 +194,7 @@ class Config:
             "train.max_bad_steps": self.train.max_bad_steps,
             "log.rollouts_per_log": self.log.rollouts_per_log,
             "train.keep_checkpoints": self.train.keep_checkpoints,
+            "distributed.timeout_s": self.distributed.timeout_s,
         }
         for key, value in positive.items():
             if not value > 0:

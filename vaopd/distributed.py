@@ -39,12 +39,12 @@ from vaopd.objective import rollout_weights, token_coefficients, visual_advantag
 
 __all__ = ["DistEnv", "Parallel", "launched_by_torchrun", "init_distributed", "shutdown", "HiddenAndHead", "shard_model",
            "slot_layout", "generate_slots", "rollout_seed", "gather_rows", "sibling_coefficients", "sharded_va_opd_loss",
-           "reduce_sums", "any_rank", "clip_grad_norm", "load_full_optimizer_state"]
+           "reduce_sums", "any_rank", "clip_grad_norm", "load_full_optimizer_state", "replicate"]
 
 
 @dataclass(frozen=True)
 class DistEnv:
-    """The process's place in the job (``world_size == 1`` and ``rank == 0`` when not distributed)."""
+    """This process's place in a torchrun job and the device it computes on."""
 
     rank: int
     world_size: int

@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import signal
 import sys
 import time
+import traceback
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,9 +37,13 @@ import torch
 from tqdm import tqdm
 
 from vaopd.ablate import ablate
-from vaopd.checkpoint import latest_checkpoint, load_trainer_state, rng_state, save_checkpoint, set_rng_state
+from vaopd.checkpoint import (is_sharded_checkpoint, latest_checkpoint, load_sharded_state, load_trainer_state, rng_state,
+                              save_checkpoint, save_sharded_checkpoint, set_rng_state)
 from vaopd.config import Config, ConfigError, load_config, to_dict, to_yaml
 from vaopd.data import Dataset, DataError, load_records, step_indices, tiny_records
+from vaopd.distributed import (DistEnv, HiddenAndHead, Parallel, any_rank, clip_grad_norm, generate_slots, init_distributed,
+                               launched_by_torchrun, load_full_optimizer_state, reduce_sums, replicate, rollout_seed,
+                               shard_model, sharded_va_opd_loss, shutdown, slot_layout)
 from vaopd.eval import evaluate
 from vaopd.inspect import write_rollouts
 from vaopd.kernels import va_opd_loss
@@ -186,6 +192,12 @@ class Setup:
     device: torch.device
     bf16: bool
     rollout: RolloutBackend  # any engine implementing the interface (HFGenerate by default)
+    parallel: Parallel | None = None  # set under torchrun (see parallelize)
+
+
+def build_rollout(cfg: Config, model, eos_ids: list[int], pad_id: int, banned_ids: list[int]) -> RolloutBackend:
+    return HFGenerate(model, eos_ids=eos_ids, pad_id=pad_id, banned_ids=banned_ids, temperature=cfg.rollout.temperature,
+                      top_p=cfg.rollout.top_p, max_new_tokens=cfg.rollout.max_new_tokens, batch_prompts=cfg.rollout.batch_prompts)
 
 
 def build_setup(cfg: Config, device: torch.device, student_source: str | None = None) -> Setup:
@@ -220,10 +232,26 @@ def build_setup(cfg: Config, device: torch.device, student_source: str | None = 
     student.train()
     eos = eos_token_ids(student, tokenizer)
     banned = banned_token_ids(tokenizer, s_rows, eos)
-    rollout = HFGenerate(student, eos_ids=eos, pad_id=tokenizer.pad_token_id, banned_ids=banned,
-                         temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-                         max_new_tokens=cfg.rollout.max_new_tokens, batch_prompts=cfg.rollout.batch_prompts)
+    rollout = build_rollout(cfg, student, eos, tokenizer.pad_token_id, banned)
     return Setup(student, teacher, tokenizer, image_processor, vocab, eos, banned, train_data, val_data, device, bf16, rollout)
+
+
+def parallelize(cfg: Config, s: Setup, env: DistEnv) -> None:
+    """Shard the setup's student (and, with ``distributed.teacher: fsdp``, its teacher) over the
+    ranks with FSDP2, and sample from an unsharded replica of the student (``vaopd.distributed``)."""
+    K, mb = cfg.rollout.samples_per_prompt, cfg.train.micro_batch_prompts or cfg.train.prompts_per_step
+    if mb * K < env.world_size:
+        raise ConfigError(f"train.micro_batch_prompts: a micro-batch of {mb} prompts x {K} responses has fewer responses "
+                          f"than the {env.world_size} ranks; every rank needs one")
+    if cfg.model.lora.enabled:
+        raise ConfigError("model.lora.enabled: LoRA is not supported under torchrun; train it on one process")
+    if cfg.log.rollouts_every:
+        raise ConfigError("log.rollouts_every: rollout logging is not supported under torchrun; set it to 0")
+    replica = replicate(s.student, torch.bfloat16 if s.bf16 else torch.float32)
+    student = shard_model(s.student, param_dtype=torch.bfloat16 if s.bf16 else None, device=s.device)
+    teacher = shard_model(s.teacher, param_dtype=None, device=s.device) if cfg.distributed.teacher == "fsdp" else None
+    s.rollout = build_rollout(cfg, replica, s.eos_ids, s.tokenizer.pad_token_id, s.banned_ids)
+    s.parallel = Parallel(env, student, teacher, replica)
 
 
 def build_optimizer(cfg: Config, student: torch.nn.Module, steps: int):
@@ -264,6 +292,8 @@ def teacher_hidden(teacher, prompts: PromptBatch, ablated_pixels: torch.Tensor |
     """Teacher final hidden states ``[rows, T, Dt]`` for the clean and ablated views (or None).
 
     Both views run as one doubled batch through ``teacher.model`` (no LM head, no logits).
+    ``teacher`` may also be an FSDP ``HiddenAndHead`` root over the teacher (its forward gives the
+    same hidden states).
     """
     lp = prompts.input_ids.shape[1]
     inputs = scoring_inputs(prompts, tokens, mask)
@@ -271,7 +301,10 @@ def teacher_hidden(teacher, prompts: PromptBatch, ablated_pixels: torch.Tensor |
         inputs = {k: (torch.cat([v, v]) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
         inputs["pixel_values"] = torch.cat([prompts.pixel_values, ablated_pixels])
     with torch.no_grad():
-        hidden = teacher.model(**inputs).last_hidden_state[:, lp - 1:]
+        if isinstance(teacher, HiddenAndHead):
+            hidden = teacher(**inputs)[0][:, lp - 1:]
+        else:
+            hidden = teacher.model(**inputs).last_hidden_state[:, lp - 1:]
     if ablated_pixels is None:
         return hidden, None
     return hidden.chunk(2)
@@ -347,8 +380,22 @@ def train_step(cfg: Config, s: Setup, optimizer, scheduler, step: int) -> dict:
     records = [s.train_data.records[i] for i in step_indices(step, P, len(s.train_data), cfg.train.seed)]
     prompts = encode_prompts([r.question + cfg.data.instruction for r in records], [r.image for r in records],
                              s.tokenizer, s.image_processor)
-    with timer("rollout"), autocast:
-        tokens, mask = s.rollout.generate(prompts, K)
+    mb = cfg.train.micro_batch_prompts or P
+    par = s.parallel
+    # Global slots (prompt * K + sample) of each micro-batch: all of them on one process, this
+    # rank's share under torchrun (vaopd.distributed: groups may continue on a neighbour rank).
+    if par is None:
+        layout = None
+        parts = [range(first * K, (first + mb) * K) for first in range(0, P, mb)]
+        with timer("rollout"), autocast:
+            tokens, mask = s.rollout.generate(prompts, K)
+    else:
+        layout = slot_layout(P, K, mb, par.env.world_size)
+        parts = [m[par.env.rank] for m in layout]
+        with timer("rollout"), autocast:
+            par.sync_replica()
+            torch.manual_seed(rollout_seed(cfg.train.seed, step, par.env.rank))
+            tokens, mask = generate_slots(s.rollout, prompts, [j for part in parts for j in part], K)
     ablated = None
     if cfg.loss.method == "va_opd":
         l = cfg.loss
@@ -359,42 +406,62 @@ def train_step(cfg: Config, s: Setup, optimizer, scheduler, step: int) -> dict:
 
     body = base_model(s.student).model
     s_weight = base_model(s.student).get_output_embeddings().weight
-    t_weight = s.teacher.get_output_embeddings().weight
+    teacher = s.teacher if par is None or par.teacher is None else par.teacher
     compute_dtype = torch.bfloat16 if s.bf16 else torch.float32
-    mb = cfg.train.micro_batch_prompts or P
-    sums: dict[str, float] = {}
+    loss_options = dict(method=cfg.loss.method, kl_estimator=cfg.loss.kl_estimator, vocab_size=s.vocab_size, num_prompts=P,
+                        temperature=cfg.loss.weight_temperature, high_fraction=cfg.loss.high_fraction,
+                        high_weight=cfg.loss.high_weight, backend=cfg.loss.backend, chunk_size=cfg.loss.chunk_size or None)
+    truncated = ~(torch.isin(tokens, torch.tensor(s.eos_ids)) & mask.bool()).any(dim=1)  # no EOS among the valid tokens
+    sums: dict[str, float] = {"truncated": float(truncated.sum())}
     loss_total = 0.0
-    for first in range(0, P, mb):
-        group = list(range(first, first + mb))  # whole sibling groups: prompts first .. first+mb-1
-        rows = torch.arange(first * K, (first + mb) * K)
+    row = 0  # this process's rows of tokens/mask are its slots in order
+    for m, part in enumerate(parts):
+        owner = [j // K for j in part]  # the prompt (= sibling group id) of each row
+        rows = torch.arange(row, row + len(part))
+        row += len(part)
         m_mask = mask[rows]
         width = int(m_mask.sum(1).max())  # trim padding columns shared by the whole micro-batch
         m_tokens, m_mask = tokens[rows, :width].to(s.device), m_mask[:, :width].to(s.device)
-        m_prompts = prompts.select(group).repeat(K).to(s.device)
-        m_ablated = ablated.select(group).repeat(K).pixel_values.to(s.device) if ablated is not None else None
-        group_ids = torch.arange(first, first + mb, device=s.device).repeat_interleave(K)
+        m_prompts = prompts.select(owner).to(s.device)
+        m_ablated = ablated.select(owner).pixel_values.to(s.device) if ablated is not None else None
+        group_ids = torch.tensor(owner, device=s.device)
         with timer("teacher"):
-            t_hidden, t_ablated = teacher_hidden(s.teacher, m_prompts, m_ablated, m_tokens, m_mask)
+            t_hidden, t_ablated = teacher_hidden(teacher, m_prompts, m_ablated, m_tokens, m_mask)
+            # A sharded teacher's root stays gathered after its forward: this is the full weight.
+            t_weight = base_model(s.teacher).get_output_embeddings().weight
         with timer("loss"):
+            lp = m_prompts.input_ids.shape[1]
             with autocast:
-                s_hidden = body(**scoring_inputs(m_prompts, m_tokens, m_mask)).last_hidden_state[:, m_prompts.input_ids.shape[1] - 1:]
-            loss, stats = va_opd_loss(
-                s_hidden.to(compute_dtype), s_weight.to(compute_dtype), t_hidden, t_ablated, t_weight,
-                m_tokens, m_mask, group_ids, method=cfg.loss.method, kl_estimator=cfg.loss.kl_estimator,
-                vocab_size=s.vocab_size, num_prompts=P, temperature=cfg.loss.weight_temperature,
-                high_fraction=cfg.loss.high_fraction, high_weight=cfg.loss.high_weight,
-                backend=cfg.loss.backend, chunk_size=cfg.loss.chunk_size or None)
+                if par is None:
+                    s_hidden = body(**scoring_inputs(m_prompts, m_tokens, m_mask)).last_hidden_state[:, lp - 1:]
+                else:
+                    s_hidden, s_weight = par.student(**scoring_inputs(m_prompts, m_tokens, m_mask))
+                    s_hidden = s_hidden[:, lp - 1:]
+            args = (s_hidden.to(compute_dtype), s_weight.to(compute_dtype), t_hidden, t_ablated, t_weight, m_tokens, m_mask, group_ids)
+            if par is None:
+                loss, stats = va_opd_loss(*args, **loss_options)
+            else:
+                loss, stats = sharded_va_opd_loss(*args, [len(p) for p in layout[m]], **loss_options)
             loss.backward()
+        if par is not None and par.teacher is not None:
+            par.teacher.reshard()
         loss_total += float(loss.detach())
         for k, v in token_stats(stats, m_mask, cfg.loss.high_fraction).items():
             sums[k] = max(sums.get(k, 0.0), v) if k == "va_max" else sums.get(k, 0.0) + v
+    if par is not None:  # the step's totals over all ranks: every rank takes the same decisions
+        sums["loss"] = loss_total
+        sums = reduce_sums(sums, s.device)
+        loss_total = sums["loss"]
 
     if cfg.log.rollouts_every and step % cfg.log.rollouts_every == 0:
         log_rollouts(cfg, s, step, records, prompts, tokens, mask)
     with timer("optimizer"):
         params = [p for p in s.student.parameters() if p.requires_grad]
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+        if par is None:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+        else:
+            grad_norm = clip_grad_norm(params, clip)
         skipped = not (math.isfinite(loss_total) and math.isfinite(grad_norm))
         lr = optimizer.param_groups[0]["lr"]
         if not skipped:
@@ -409,7 +476,7 @@ def train_step(cfg: Config, s: Setup, optimizer, scheduler, step: int) -> dict:
         "va_high_share": (sums["va_high"] / sums["va_sum"] if sums["va_sum"] > 0 else 0.0) if va else None,
         "va_max": sums["va_max"] if va else None,
         "response_len": sums["tokens"] / sums["responses"],
-        "truncated": float((~torch.isin(tokens, torch.tensor(s.eos_ids)).any(dim=1)).float().mean()),
+        "truncated": sums["truncated"] / sums["responses"],
         "tokens_per_s": sums["tokens"] / elapsed, "grad_norm": grad_norm, "lr": lr, "skipped": skipped,
         "time": elapsed, **{f"time_{k}": v for k, v in timer.times.items()},
         "records": [r.id for r in records],
@@ -450,39 +517,66 @@ def _resume_checkpoint(run_dir: Path, resume: str | bool | None) -> Path | None:
 
 
 def train(cfg: Config, *, resume: str | bool | None = None, handle_signals: bool = False) -> TrainResult:
-    """Train with ``cfg``; ``resume`` = True (latest checkpoint of the run dir) or a checkpoint path."""
-    device = resolve_device(cfg)
+    """Train with ``cfg``; ``resume`` = True (latest checkpoint of the run dir) or a checkpoint path.
+
+    Under torchrun every rank calls this: the student is FSDP2-sharded (``parallelize``), each
+    rank samples and scores its share of the step, checkpoints are sharded (DCP), and only rank 0
+    writes metrics, the run dir's files and the progress bar.
+    """
+    env = init_distributed(cfg.train.device, cfg.distributed.timeout_s) if launched_by_torchrun() else None
+    device = env.device if env else resolve_device(cfg)
+    main_rank = env is None or env.is_main
+    say = tqdm.write if main_rank else (lambda *args, **kwargs: None)
     run_dir = run_dir_of(cfg)
     ckpt = _resume_checkpoint(run_dir, resume)
+    sharded_ckpt = ckpt is not None and is_sharded_checkpoint(ckpt)
     torch.manual_seed(cfg.train.seed)
-    s = build_setup(cfg, device, student_source=str(ckpt / "model") if ckpt else None)
+    s = build_setup(cfg, device, student_source=str(ckpt / "model") if ckpt and not sharded_ckpt else None)
+    if env:
+        parallelize(cfg, s, env)
     steps = total_steps(cfg, len(s.train_data))
     optimizer, scheduler = build_optimizer(cfg, s.student, steps)
     step, bad = 0, 0
     if ckpt:
         state = load_trainer_state(ckpt)
-        optimizer.load_state_dict(state["optimizer"])
+        if sharded_ckpt:
+            load_sharded_state(ckpt, s.student, optimizer)
+        elif env:
+            load_full_optimizer_state(s.student, optimizer, state["optimizer"])
+        else:
+            optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
         step, bad = int(state["step"]), int(state["bad_steps"])
+        if env is None:
+            # A sharded checkpoint has no RNG state (its ranks reseed per step): do the same here.
+            if "rng" in state:
+                set_rng_state(state["rng"])
+            else:
+                torch.manual_seed(rollout_seed(cfg.train.seed, step, 0))
         if state["data_position"] != step * cfg.train.prompts_per_step:
             raise ConfigError(f"train.prompts_per_step: the checkpoint was written with another value "
                               f"(data position {state['data_position']} at step {step})")
     first_step = step
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if not ckpt:
-        (run_dir / "rollouts.jsonl").unlink(missing_ok=True)
     config_yaml = to_yaml(cfg)
-    (run_dir / "config.yaml").write_text(config_yaml, encoding="utf-8")
+    if main_rank:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not ckpt:
+            (run_dir / "rollouts.jsonl").unlink(missing_ok=True)
+        (run_dir / "config.yaml").write_text(config_yaml, encoding="utf-8")
     logger = MetricsLogger(run_dir, tensorboard=cfg.log.tensorboard, wandb_project=cfg.log.wandb_project,
-                           config=to_dict(cfg), resume_step=step if ckpt else None)
+                           config=to_dict(cfg), resume_step=step if ckpt else None, enabled=main_rank)
     last = step + cfg.train.stop_after if cfg.train.stop_after else steps
     last = min(last, steps)
     result = TrainResult(s.student, s.teacher, step, run_dir, ckpt)
 
     def save() -> Path:
-        state = {"step": step, "data_position": step * cfg.train.prompts_per_step, "bad_steps": bad,
-                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()}
+        state = {"step": step, "data_position": step * cfg.train.prompts_per_step, "bad_steps": bad}
+        if env:
+            return save_sharded_checkpoint(run_dir / "checkpoints", step, model=s.student, optimizer=optimizer,
+                                           tokenizer=s.tokenizer, image_processor=s.image_processor,
+                                           trainer_state={**state, "scheduler": scheduler.state_dict()},
+                                           config_yaml=config_yaml, keep=cfg.train.keep_checkpoints)
+        state.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), rng=rng_state())
         return save_checkpoint(run_dir / "checkpoints", step, model=s.student, tokenizer=s.tokenizer,
                                image_processor=s.image_processor, trainer_state=state, config_yaml=config_yaml,
                                keep=cfg.train.keep_checkpoints)
@@ -492,29 +586,35 @@ def train(cfg: Config, *, resume: str | bool | None = None, handle_signals: bool
     if handle_signals:
         def on_signal(signum, frame):
             if stop["signal"] is None:
-                tqdm.write(f"received signal {signum}: finishing the current step, then saving a checkpoint")
+                say(f"received signal {signum}: finishing the current step, then saving a checkpoint")
             stop["signal"] = signum
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             previous[sig] = signal.signal(sig, on_signal)
 
-    bar = tqdm(total=steps, initial=step, desc=f"{cfg.loss.method}", disable=not cfg.log.progress, dynamic_ncols=True)
+    def stopping() -> bool:
+        # A signal may reach only some ranks, or reach them in different steps: agree first.
+        return any_rank(stop["signal"] is not None, device) if env else stop["signal"] is not None
+
+    bar = tqdm(total=steps, initial=step, desc=f"{cfg.loss.method}", disable=not (cfg.log.progress and main_rank),
+               dynamic_ncols=True)
+    stopped = False
     try:
-        while step < last and stop["signal"] is None:
+        while step < last and not (stopped := stopping()):
             record = train_step(cfg, s, optimizer, scheduler, step)
             step += 1
             bad = bad + 1 if record["skipped"] else 0
             logger.log(record)
             result.history.append(record)
             if record["skipped"]:
-                tqdm.write(f"step {step}: non-finite loss ({record['loss']}) or gradient norm ({record['grad_norm']}): update skipped")
+                say(f"step {step}: non-finite loss ({record['loss']}) or gradient norm ({record['grad_norm']}): update skipped")
                 if bad >= cfg.train.max_bad_steps:
                     good = latest_checkpoint(run_dir / "checkpoints")
                     raise TrainingAborted(
                         f"{bad} non-finite steps in a row (steps {step - bad + 1}..{step}); stopping. "
                         f"Last good checkpoint: {good if good else 'none'} (left intact). Lower optim.lr or check the data.")
             if record["va_max"] is not None and record["va_max"] < cfg.log.va_warn_threshold:
-                tqdm.write(f"WARNING: step {step}: visual advantage is ~0 on every token (max {record['va_max']:.2e} < "
+                say(f"WARNING: step {step}: visual advantage is ~0 on every token (max {record['va_max']:.2e} < "
                            f"{cfg.log.va_warn_threshold:g}): the teacher may not be seeing the images; VA-OPD reduces to "
                            "uniform weights", file=sys.stderr)
             bar.update(1)
@@ -527,7 +627,7 @@ def train(cfg: Config, *, resume: str | bool | None = None, handle_signals: bool
             # No checkpoint right after a skipped step: the last good one must stay the newest.
             if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and not record["skipped"]:
                 result.checkpoint = save()
-        if s.val_data is not None and step == steps and not stop["signal"]:
+        if s.val_data is not None and step == steps and not stopped:
             validate(cfg, s, logger, step, result)
         if step > first_step:
             result.checkpoint = save()
@@ -537,17 +637,31 @@ def train(cfg: Config, *, resume: str | bool | None = None, handle_signals: bool
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     result.step = step
-    result.stopped_by_signal = stop["signal"] is not None
+    result.stopped_by_signal = stopped
     return result
 
 
 def validate(cfg: Config, s: Setup, logger: MetricsLogger, step: int, result: TrainResult) -> None:
+    """Sample and grade the validation answers. Under torchrun each rank grades every N-th
+    question on the refreshed unsharded replica (seeded by its rank) and the counts are summed."""
     records = s.val_data.records[:cfg.eval.max_questions or None]
-    out = evaluate(s.student, s.tokenizer, s.image_processor, records, eos_ids=s.eos_ids, banned_ids=s.banned_ids,
-                   samples=cfg.eval.samples, temperature=cfg.eval.temperature, top_p=cfg.eval.top_p,
-                   max_new_tokens=cfg.eval.max_new_tokens, batch_prompts=cfg.eval.batch_prompts,
-                   instruction=cfg.data.instruction, seed=cfg.train.seed)
+    model, seed, par = s.student, cfg.train.seed, s.parallel
+    if par is not None:
+        par.sync_replica()
+        model, seed = par.replica, cfg.train.seed + par.env.rank
+        records = records[par.env.rank::par.env.world_size]
+    out = {"accuracy": 0.0, "samples": 0}
+    if records:
+        out = evaluate(model, s.tokenizer, s.image_processor, records, eos_ids=s.eos_ids, banned_ids=s.banned_ids,
+                       samples=cfg.eval.samples, temperature=cfg.eval.temperature, top_p=cfg.eval.top_p,
+                       max_new_tokens=cfg.eval.max_new_tokens, batch_prompts=cfg.eval.batch_prompts,
+                       instruction=cfg.data.instruction, seed=seed)
     s.student.train()
+    if par is not None:
+        totals = reduce_sums({"correct": out["accuracy"] * out["samples"], "samples": float(out["samples"])}, s.device)
+        out = {"accuracy": totals["correct"] / max(totals["samples"], 1.0), "samples": int(totals["samples"])}
+        if not par.env.is_main:
+            return
     record = {"step": step, "val_accuracy": out["accuracy"], "val_samples": out["samples"]}
     logger.log(record)
     result.history.append(record)
@@ -660,6 +774,10 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.disable_progress_bar()  # keep the console to our own progress bar
     config_path = args.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
     overrides = list(args.set) + ([f"loss.method={args.method}"] if args.method else [])
+    distributed = launched_by_torchrun()
+    # Under torchrun every rank's messages name it; the first rank to fail exits non-zero and
+    # torchrun stops the others (their collectives fail or time out: distributed.timeout_s).
+    rank = f"[rank {os.environ['RANK']}] " if distributed else ""
     try:
         cfg = load_config(config_path, overrides)
         if args.dry_run:
@@ -668,13 +786,22 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         result = train(cfg, resume=args.resume, handle_signals=True)
     except (ConfigError, DataError, VocabularyError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"{rank}error: {e}", file=sys.stderr)
         return 2
     except TrainingAborted as e:
-        print(f"aborted: {e}", file=sys.stderr)
+        print(f"{rank}aborted: {e}", file=sys.stderr)
         return 1
-    print(f"done: step {result.step}, run dir {result.run_dir}, checkpoint {result.checkpoint}"
-          + (" (stopped by signal)" if result.stopped_by_signal else ""))
+    except Exception:
+        if not distributed:
+            raise
+        trace = traceback.format_exc().rstrip().splitlines()
+        print("\n".join(f"{rank}{line}" for line in trace), file=sys.stderr, flush=True)
+        return 1
+    if distributed:
+        shutdown()
+    if os.environ.get("RANK", "0") == "0":
+        print(f"done: step {result.step}, run dir {result.run_dir}, checkpoint {result.checkpoint}"
+              + (" (stopped by signal)" if result.stopped_by_signal else ""))
     return 0
 
 

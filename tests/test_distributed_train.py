@@ -1,0 +1,163 @@
+"""The trainer under torchrun (2 gloo ranks on 127.0.0.1): sharded checkpoints that resume on another
+number of ranks and continue as an uninterrupted run, export, and a failing rank ending the job.
+
+Run as a script, this module is the torchrun entry point: ``python -m vaopd.train`` with the
+scripted rollouts below (and, with ``--fail-rank R --fail-call N``, a loss that raises on rank R).
+"""
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from transformers import AutoModelForImageTextToText
+
+import vaopd.train as train_mod
+from tests.trainer_utils import free_port, max_diff, state, tiny_config
+from vaopd.checkpoint import is_sharded_checkpoint, latest_checkpoint
+from vaopd.distributed import init_distributed
+from vaopd.export import main as export_main
+from vaopd.rollout import response_mask
+
+ROOT = Path(__file__).resolve().parent.parent
+SETTINGS = ["train.device=cpu", "train.precision=fp32", "train.prompts_per_step=2", "rollout.samples_per_prompt=2",
+            "rollout.max_new_tokens=6", "data.tiny_train_size=8", "data.val=", "log.progress=false",
+            "optim.lr=1e-3", "optim.warmup_ratio=0", "distributed.timeout_s=60"]
+
+
+class ScriptedRollout:
+    """Deterministic responses of unequal lengths that depend only on the prompt and the sample
+    index, never on the RNG or the rank: runs on different numbers of ranks see the same data."""
+
+    def __init__(self, model, *, eos_ids, pad_id, banned_ids, **_):
+        self.eos, self.pad = eos_ids[0], pad_id
+        self.allowed = torch.tensor([i for i in range(10, 300) if i not in banned_ids and i not in eos_ids])
+
+    def generate(self, prompts, k):
+        rows = []
+        for i in range(len(prompts)):
+            key = int(prompts.input_ids[i].sum())
+            for j in range(k):
+                g = torch.Generator().manual_seed(key * 31 + j)
+                row = self.allowed[torch.randint(len(self.allowed), (6,), generator=g)]
+                length = 2 + (key + 3 * j) % 5
+                row[length - 1] = self.eos
+                row[length:] = self.pad
+                rows.append(row)
+        tokens = torch.stack(rows)
+        return tokens, response_mask(tokens, [self.eos])
+
+
+def torchrun(tmp_path, *args, nproc=2, timeout=180):
+    """``torchrun`` this module on ``nproc`` local ranks; returns the CompletedProcess."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", __file__, *args]
+    return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def sets(*overrides):
+    return [a for o in [*SETTINGS, *overrides] for a in ("--set", o)]
+
+
+def step_losses(run_dir):
+    lines = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in lines if "loss" in r}
+
+
+def exported(tmp_path, checkpoint, name):
+    assert export_main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / name)]) == 0
+    return state(AutoModelForImageTextToText.from_pretrained(tmp_path / name))
+
+
+def test_resume_across_world_sizes_continues_identically(tmp_path, monkeypatch):
+    monkeypatch.setattr(train_mod, "HFGenerate", ScriptedRollout)
+    # Reference: one plain process, 4 steps, single-process checkpoints at 2 and 4.
+    ref = train_mod.train(tiny_config(tmp_path, *SETTINGS, "train.max_steps=4", "train.checkpoint_every=2", name="ref"))
+    ref_weights, ref_losses = state(ref.student), step_losses(ref.run_dir)
+
+    # 2 ranks for steps 1-2 (sharded checkpoint), then one plain process for steps 3-4.
+    two = tmp_path / "two_then_one"
+    done = torchrun(tmp_path, *sets(f"train.run_dir={two}", "train.max_steps=4", "train.stop_after=2"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    ckpt = latest_checkpoint(two / "checkpoints")
+    assert ckpt.name == "step_00000002" and is_sharded_checkpoint(ckpt)
+    assert json.loads((ckpt / "meta.json").read_text())["world_size"] == 2
+    one = train_mod.train(tiny_config(tmp_path, *SETTINGS, "train.max_steps=4", f"train.run_dir={two}"), resume=True)
+    assert one.step == 4
+    assert max_diff(state(one.student), ref_weights) < 1e-5
+    for s, loss in step_losses(two).items():
+        assert abs(loss - ref_losses[s]) < 1e-5 * abs(ref_losses[s]), (s, loss, ref_losses[s])
+
+    # The reverse: the reference's single-process step-2 checkpoint, resumed on 2 ranks to step 4.
+    back = tmp_path / "one_then_two"
+    (back / "checkpoints").mkdir(parents=True)
+    os.rename(ref.run_dir / "checkpoints" / "step_00000002", back / "checkpoints" / "step_00000002")
+    done = torchrun(tmp_path, "--resume", *sets(f"train.run_dir={back}", "train.max_steps=4"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    final = latest_checkpoint(back / "checkpoints")
+    assert final.name == "step_00000004" and is_sharded_checkpoint(final)
+    assert max_diff(exported(tmp_path, final, "export"), ref_weights) < 1e-5
+    assert all(abs(step_losses(back)[s] - ref_losses[s]) < 1e-5 * abs(ref_losses[s]) for s in (3, 4))
+
+
+def test_export_of_a_single_process_checkpoint_is_its_model(tmp_path, monkeypatch):
+    monkeypatch.setattr(train_mod, "HFGenerate", ScriptedRollout)
+    result = train_mod.train(tiny_config(tmp_path, *SETTINGS, "train.max_steps=1"))
+    assert max_diff(exported(tmp_path, result.checkpoint, "export"), state(result.student)) == 0
+
+
+def test_a_failing_rank_ends_the_job_and_keeps_the_last_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    start = time.perf_counter()
+    # Rank 1's loss raises in step 3 (its 3rd micro-batch); checkpoints after every step.
+    done = torchrun(tmp_path, "--fail-rank", "1", "--fail-call", "3",
+                    *sets(f"train.run_dir={run}", "train.max_steps=4", "train.checkpoint_every=1"))
+    assert done.returncode != 0
+    assert time.perf_counter() - start < 120  # no hang until the collective timeout (60 s) and beyond
+    assert "[rank 1]" in done.stderr and "injected failure" in done.stderr, done.stderr[-3000:]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir() if not p.name.startswith(".")) == ["step_00000001",
+                                                                                                     "step_00000002"]
+    # The newest complete checkpoint is intact: it exports and resumes.
+    ckpt = latest_checkpoint(run / "checkpoints")
+    assert ckpt.name == "step_00000002"
+    exported(tmp_path, ckpt, "export")
+    assert [line for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()][-1].startswith('{"step": 2,')
+
+
+def test_process_group_is_gloo_on_cpu_with_the_configured_timeout(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kwargs: seen.update(backend=backend, **kwargs))
+    for key, value in (("RANK", "1"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "1")):
+        monkeypatch.setenv(key, value)
+    env = init_distributed("cpu", 7.5)
+    assert (env.rank, env.world_size, env.local_rank, env.device, env.is_main) == (1, 2, 1, torch.device("cpu"), False)
+    assert seen["backend"] == "gloo" and seen["timeout"] == datetime.timedelta(seconds=7.5)
+
+
+def _script(argv: list[str]) -> int:
+    """torchrun entry: ``vaopd.train.main`` with scripted rollouts and an optional injected failure."""
+    train_mod.HFGenerate = ScriptedRollout
+    if "--fail-rank" in argv:
+        at = argv.index("--fail-rank")
+        fail_rank, fail_call = int(argv[at + 1]), int(argv[argv.index("--fail-call") + 1])
+        argv = argv[:at] + argv[at + 4:]
+        real, calls = train_mod.sharded_va_opd_loss, []
+
+        def failing(*args, **kwargs):
+            calls.append(1)
+            if int(os.environ["RANK"]) == fail_rank and len(calls) == fail_call:
+                raise RuntimeError("injected failure")
+            return real(*args, **kwargs)
+
+        train_mod.sharded_va_opd_loss = failing
+    return train_mod.main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(_script(sys.argv[1:]))
