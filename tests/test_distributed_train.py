@@ -2,11 +2,13 @@
 number of ranks and continue as an uninterrupted run, export, and a failing rank ending the job.
 
 Run as a script, this module is the torchrun entry point: ``python -m vaopd.train`` with the
-scripted rollouts below (and, with ``--fail-rank R --fail-call N``, a loss that raises on rank R).
+scripted rollouts below and, with ``--fault raise|sigterm R N``, a loss that raises (or sends
+SIGTERM to its own process) on rank R at its N-th call.
 """
 import datetime
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -115,7 +117,7 @@ def test_a_failing_rank_ends_the_job_and_keeps_the_last_checkpoint(tmp_path):
     run = tmp_path / "run"
     start = time.perf_counter()
     # Rank 1's loss raises in step 3 (its 3rd micro-batch); checkpoints after every step.
-    done = torchrun(tmp_path, "--fail-rank", "1", "--fail-call", "3",
+    done = torchrun(tmp_path, "--fault", "raise", "1", "3",
                     *sets(f"train.run_dir={run}", "train.max_steps=4", "train.checkpoint_every=1"))
     assert done.returncode != 0
     assert time.perf_counter() - start < 120  # no hang until the collective timeout (60 s) and beyond
@@ -127,6 +129,16 @@ def test_a_failing_rank_ends_the_job_and_keeps_the_last_checkpoint(tmp_path):
     assert ckpt.name == "step_00000002"
     exported(tmp_path, ckpt, "export")
     assert [line for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()][-1].startswith('{"step": 2,')
+
+
+def test_sigterm_on_one_rank_stops_all_ranks_after_the_same_step_with_a_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    # SIGTERM reaches rank 1 only, during step 2: both ranks finish step 2, save it together, exit 0.
+    done = torchrun(tmp_path, "--fault", "sigterm", "1", "2", *sets(f"train.run_dir={run}", "train.max_steps=6"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "(stopped by signal)" in done.stdout
+    assert [p.name for p in (run / "checkpoints").iterdir() if not p.name.startswith(".")] == ["step_00000002"]
+    assert sorted(step_losses(run)) == [1, 2]
 
 
 def test_process_group_is_gloo_on_cpu_with_the_configured_timeout(monkeypatch):
@@ -141,21 +153,23 @@ def test_process_group_is_gloo_on_cpu_with_the_configured_timeout(monkeypatch):
 
 
 def _script(argv: list[str]) -> int:
-    """torchrun entry: ``vaopd.train.main`` with scripted rollouts and an optional injected failure."""
+    """torchrun entry: ``vaopd.train.main`` with scripted rollouts and an optional injected fault."""
     train_mod.HFGenerate = ScriptedRollout
-    if "--fail-rank" in argv:
-        at = argv.index("--fail-rank")
-        fail_rank, fail_call = int(argv[at + 1]), int(argv[argv.index("--fail-call") + 1])
+    if "--fault" in argv:
+        at = argv.index("--fault")
+        kind, fault_rank, fault_call = argv[at + 1], int(argv[at + 2]), int(argv[at + 3])
         argv = argv[:at] + argv[at + 4:]
         real, calls = train_mod.sharded_va_opd_loss, []
 
-        def failing(*args, **kwargs):
+        def faulty(*args, **kwargs):
             calls.append(1)
-            if int(os.environ["RANK"]) == fail_rank and len(calls) == fail_call:
-                raise RuntimeError("injected failure")
+            if int(os.environ["RANK"]) == fault_rank and len(calls) == fault_call:
+                if kind == "raise":
+                    raise RuntimeError("injected failure")
+                os.kill(os.getpid(), signal.SIGTERM)
             return real(*args, **kwargs)
 
-        train_mod.sharded_va_opd_loss = failing
+        train_mod.sharded_va_opd_loss = faulty
     return train_mod.main(argv)
 
 
