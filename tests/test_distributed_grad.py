@@ -1,6 +1,6 @@
-"""Data parallelism, loss and gradient: 2 gloo processes with an FSDP2 student give the loss and
-gradient of one process on the same global batch, with a sibling group split across the ranks and
-responses of unequal lengths."""
+"""Data parallelism, loss and gradient: 2 gloo processes with an FSDP2 student (and a replicated or
+FSDP2 teacher) give the loss and gradient of one process on the same global batch, with a sibling
+group split across the ranks and responses of unequal lengths."""
 import os
 
 import pytest
@@ -10,14 +10,15 @@ import torch.multiprocessing as mp
 
 from tests.trainer_utils import free_port
 from vaopd.data import tiny_records
-from vaopd.distributed import DistEnv, shard_model, sharded_va_opd_loss, slot_layout
+from vaopd.distributed import generate_slots, shard_model, sharded_va_opd_loss, slot_layout
 from vaopd.kernels import va_opd_loss
-from vaopd.rollout import encode_prompts
+from vaopd.rollout import PromptBatch, encode_prompts
 from vaopd.tiny import build_image_processor, build_model, build_tokenizer
 from vaopd.train import scoring_inputs, teacher_hidden
 
 P, K = 3, 2  # 6 responses on 2 ranks: slots 0-2 and 3-5, so prompt 1's siblings are split
-VARIANTS = [("va_opd", "full"), ("opd", "full"), ("va_opd", "sampled")]
+VARIANTS = [("va_opd", "full", "replica"), ("opd", "full", "replica"), ("va_opd", "sampled", "replica"),
+            ("va_opd", "full", "fsdp")]  # (method, KL estimator, teacher on the ranks)
 
 
 def fixed_batch():
@@ -35,19 +36,21 @@ def fixed_batch():
     return student, teacher, prompts, ablated, tokens, mask, len(tok)
 
 
-def rows_loss(student_fn, teacher, prompts, ablated, tokens, mask, slots, loss_fn):
-    """Loss of the responses at global ``slots`` (prompt-major), student hidden via ``student_fn``."""
+def rows_loss(student_fn, teacher, prompts, ablated, tokens, mask, slots, loss_fn, teacher_root=None):
+    """Loss of the responses at global ``slots`` (prompt-major), student hidden via ``student_fn``;
+    the teacher runs through its FSDP ``teacher_root`` when given."""
     prompt_of = [s // K for s in slots]
     batch = prompts.select(prompt_of)
     t_ablated = prompts.with_pixels(ablated).select(prompt_of).pixel_values
-    t_hidden, t_abl = teacher_hidden(teacher, batch, t_ablated, tokens[slots], mask[slots])
+    t_hidden, t_abl = teacher_hidden(teacher_root or teacher, batch, t_ablated, tokens[slots], mask[slots])
+    # A sharded teacher's root stays gathered after its forward, so lm_head.weight is the full weight.
     hidden, weight = student_fn(scoring_inputs(batch, tokens[slots], mask[slots]))
     hidden = hidden[:, batch.input_ids.shape[1] - 1:]
     return loss_fn(hidden, weight, t_hidden, t_abl, teacher.lm_head.weight, tokens[slots], mask[slots],
                    torch.tensor(prompt_of))
 
 
-def single_process(method, estimator):
+def single_process(method, estimator, _teacher_mode):
     student, teacher, prompts, ablated, tokens, mask, vocab = fixed_batch()
 
     def loss_fn(*args):
@@ -64,9 +67,10 @@ def worker(rank, world, port, out):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         results = {}
-        for method, estimator in VARIANTS:
+        for method, estimator, teacher_mode in VARIANTS:
             student, teacher, prompts, ablated, tokens, mask, vocab = fixed_batch()
             root = shard_model(student, param_dtype=None, device=torch.device("cpu"))
+            t_root = shard_model(teacher, param_dtype=None, device=torch.device("cpu")) if teacher_mode == "fsdp" else None
             (parts,) = slot_layout(P, K, P, world)
             counts = [len(p) for p in parts]
 
@@ -76,12 +80,14 @@ def worker(rank, world, port, out):
                                            backend="torch", chunk_size=None)[0]
 
             loss = rows_loss(lambda inputs: root(**inputs), teacher, prompts, ablated, tokens, mask,
-                             list(parts[rank]), loss_fn)
+                             list(parts[rank]), loss_fn, t_root)
             loss.backward()
+            if t_root is not None:
+                t_root.reshard()
             total = loss.detach().clone()
             dist.all_reduce(total)
             grads = {n: p.grad.full_tensor() for n, p in student.named_parameters()}
-            results[method, estimator] = (float(total), grads)
+            results[method, estimator, teacher_mode] = (float(total), grads)
         if rank == 0:
             torch.save(results, out)
     finally:
@@ -95,6 +101,26 @@ def test_layout_splits_a_group_and_keeps_micro_batches_aligned():
     assert [[list(r) for r in m] for m in layout] == [[[0], [1], [2, 3]], [[4], [5], [6, 7]]]
     with pytest.raises(ValueError, match="fewer than"):
         slot_layout(2, 2, 1, 3)
+
+
+class Recorder:
+    """A rollout backend whose response rows say which prompt (first token) and sample (second)
+    they are, with ``1 + sample`` valid tokens."""
+
+    def generate(self, prompts, k):
+        rows = [[int(p), j] + [0] * 3 for p in prompts.input_ids[:, 0] for j in range(k)]
+        tokens = torch.tensor(rows)
+        return tokens, torch.arange(5)[None] <= tokens[:, 1:2]
+
+
+def test_generate_slots_keeps_slot_order_for_whole_and_partial_groups():
+    ids = torch.arange(4)[:, None].repeat(1, 2)  # prompt p's first token is p
+    prompts = PromptBatch(ids, torch.ones_like(ids), torch.zeros_like(ids), torch.zeros(4, 1), torch.ones(4, 3, dtype=torch.long))
+    # K = 3: slots 2 (prompt 0, sample 2), 3-5 (all of prompt 1), 6-7 (prompt 2, samples 0-1)
+    tokens, mask = generate_slots(Recorder(), prompts, [2, 3, 4, 5, 6, 7], 3)
+    assert tokens[:, 0].tolist() == [0, 1, 1, 1, 2, 2]
+    assert tokens[:, 1].tolist() == [0, 0, 1, 2, 0, 1]  # a partial group is sampled afresh on its rank
+    assert mask.sum(1).tolist() == [1, 1, 2, 3, 1, 2] and mask.dtype == torch.bool
 
 
 def test_two_fsdp_ranks_match_one_process_with_split_siblings(tmp_path):
