@@ -41,13 +41,17 @@ class Settings:
     train_size: int = 2000
     val_size: int = 64
     test_size: int = 200
-    teacher_steps: int = 1000
+    teacher_steps: int = 600
     teacher_lr: float = 3e-3
-    student_steps: int = 120
+    student_steps: int = 150
     student_lr: float = 3e-3
+    # The tiny student preset's 0.02 init does not learn to read digits in a CPU budget (measured:
+    # still at chance after 150 distillation steps); at 0.2 it does after ~250 SFT steps, so a
+    # brief SFT leaves it with the format but not the reading.
+    student_init_range: float = 0.2
     sft_batch: int = 32
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    distill_steps: int = 150
+    distill_steps: int = 300
     # Test-time sampling for accuracy and for the visual profiles.
     eval_samples: int = 2
     eval_temperature: float = 1.0
@@ -126,7 +130,8 @@ def _sft(out: Path, st: Settings) -> dict:
 
     cfg = load_config(CONFIG)
     times = {}
-    for preset, steps, lr in (("teacher", st.teacher_steps, st.teacher_lr), ("student", st.student_steps, st.student_lr)):
+    for preset, steps, lr, init in (("teacher", st.teacher_steps, st.teacher_lr, None),
+                                    ("student", st.student_steps, st.student_lr, st.student_init_range)):
         target = out / preset
         if (target / "config.json").is_file():
             _log(f"{preset}: reusing {target}")
@@ -135,7 +140,7 @@ def _sft(out: Path, st: Settings) -> dict:
         start = time.perf_counter()
         sft_model(preset, out / "data" / "train.jsonl", target, steps=steps, batch_size=st.sft_batch, lr=lr,
                   seed=st.data_seed, instruction=cfg.data.instruction, min_pixels=cfg.data.min_pixels,
-                  max_pixels=cfg.data.max_pixels, log=_log)
+                  max_pixels=cfg.data.max_pixels, init_range=init, log=_log)
         times[preset] = time.perf_counter() - start
     return times
 

@@ -25,7 +25,7 @@ from vaopd.rollout import encode_prompts
 from vaopd.tiny import build_image_processor, build_model, build_tokenizer
 from vaopd.train import scoring_inputs
 
-__all__ = ["load_split", "sft_loss", "train_sft", "save_model", "main"]
+__all__ = ["load_split", "sft_loss", "train_sft", "reinitialise", "save_model", "sft_model", "main"]
 
 
 def load_split(path: str | Path) -> tuple[list[Record], dict[str, dict]]:
@@ -87,6 +87,25 @@ def train_sft(model, tokenizer, image_processor, records: list[Record], response
     return losses
 
 
+def reinitialise(model, std: float, seed: int) -> None:
+    """Redraw every weight matrix (linear, embedding, patch convolution) from ``N(0, std)``, biases 0.
+
+    The tiny presets use ``initializer_range`` 0.02 for the student; at that scale it does not
+    learn to read the digits within a CPU budget (the patch features of a small digit are a tiny
+    perturbation), whereas at the teacher's 0.2 it does after a few hundred SFT steps. Norm
+    weights keep their built value (1).
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for module in model.modules():
+            if isinstance(module, (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv3d)):
+                torch.nn.init.normal_(module.weight, std=std)
+                if getattr(module, "bias", None) is not None:
+                    torch.nn.init.zeros_(module.bias)
+    model.config.text_config.initializer_range = std
+    model.config.vision_config.initializer_range = std
+
+
 def save_model(model, tokenizer, image_processor, out: str | Path) -> Path:
     """``save_pretrained`` the model, tokenizer and image processor into ``out``."""
     out = Path(out)
@@ -97,12 +116,14 @@ def save_model(model, tokenizer, image_processor, out: str | Path) -> Path:
 
 
 def sft_model(preset: str, train_file: str | Path, out: str | Path, *, steps: int, batch_size: int, lr: float, seed: int,
-              instruction: str, min_pixels: int, max_pixels: int, log=print) -> list[float]:
-    """Build ``tiny:<preset>``, fine-tune it on ``train_file`` and save it to ``out``."""
+              instruction: str, min_pixels: int, max_pixels: int, init_range: float | None = None, log=print) -> list[float]:
+    """Build ``tiny:<preset>`` (re-initialised at ``init_range`` if given), fine-tune it on ``train_file``, save it to ``out``."""
     torch.manual_seed(seed)
     tokenizer = build_tokenizer()
     image_processor = build_image_processor(min_pixels, max_pixels)
     model = build_model(preset, tokenizer, seed)
+    if init_range is not None:
+        reinitialise(model, init_range, seed)
     records, rows = load_split(train_file)
     losses = train_sft(model, tokenizer, image_processor, records, {k: r["response"] for k, r in rows.items()},
                        steps=steps, batch_size=batch_size, lr=lr, seed=seed, instruction=instruction, log=log)
@@ -119,9 +140,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--init-range", type=float, default=None, help="re-initialise the weights at this std first")
     args = parser.parse_args(argv)
     sft_model(args.preset, Path(args.data) / "train.jsonl", args.out, steps=args.steps, batch_size=args.batch_size,
-              lr=args.lr, seed=args.seed, instruction="", min_pixels=64 * 64, max_pixels=64 * 64)
+              lr=args.lr, seed=args.seed, instruction="", min_pixels=64 * 64, max_pixels=64 * 64, init_range=args.init_range)
     return 0
 
 
