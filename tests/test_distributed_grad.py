@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 
 from tests.trainer_utils import free_port
 from vaopd.data import tiny_records
-from vaopd.distributed import generate_slots, shard_model, sharded_va_opd_loss, slot_layout
+from vaopd.distributed import DistEnv, Parallel, generate_slots, replicate, shard_model, sharded_va_opd_loss, slot_layout
 from vaopd.kernels import va_opd_loss
 from vaopd.rollout import PromptBatch, encode_prompts
 from vaopd.tiny import build_image_processor, build_model, build_tokenizer
@@ -69,6 +69,7 @@ def worker(rank, world, port, out):
         results = {}
         for method, estimator, teacher_mode in VARIANTS:
             student, teacher, prompts, ablated, tokens, mask, vocab = fixed_batch()
+            replica = replicate(student, torch.float32)
             root = shard_model(student, param_dtype=None, device=torch.device("cpu"))
             t_root = shard_model(teacher, param_dtype=None, device=torch.device("cpu")) if teacher_mode == "fsdp" else None
             (parts,) = slot_layout(P, K, P, world)
@@ -88,6 +89,13 @@ def worker(rank, world, port, out):
             dist.all_reduce(total)
             grads = {n: p.grad.full_tensor() for n, p in student.named_parameters()}
             results[method, estimator, teacher_mode] = (float(total), grads)
+        # The sampling replica follows the sharded student after an update.
+        torch.optim.SGD(student.parameters(), lr=1.0).step()
+        full = {n: p.full_tensor() for n, p in student.named_parameters()}
+        stale = max(float((replica.state_dict()[n] - v).abs().max()) for n, v in full.items())
+        Parallel(DistEnv(rank, world, rank, torch.device("cpu")), root, None, replica).sync_replica()
+        synced = max(float((replica.state_dict()[n] - v).abs().max()) for n, v in full.items())
+        results["replica"] = (stale, synced)
         if rank == 0:
             torch.save(results, out)
     finally:
@@ -127,6 +135,8 @@ def test_two_fsdp_ranks_match_one_process_with_split_siblings(tmp_path):
     out = tmp_path / "dist.pt"
     mp.spawn(worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
     results = torch.load(out, weights_only=False)
+    stale, synced = results.pop("replica")
+    assert stale > 1e-3 and synced == 0
     for variant in VARIANTS:
         loss, grads = single_process(*variant)
         d_loss, d_grads = results[variant]

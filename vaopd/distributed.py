@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_optimizer_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
@@ -142,10 +142,16 @@ class Parallel:
     teacher: HiddenAndHead | None
     replica: nn.Module
 
+    @torch.no_grad()
     def sync_replica(self) -> None:
-        """Copy the sharded student's current weights into ``replica`` (collective: all ranks)."""
-        full = get_model_state_dict(self.student.model, options=StateDictOptions(full_state_dict=True))
-        self.replica.load_state_dict(full)
+        """Copy the sharded student's current weights into ``replica`` (collective: all ranks).
+
+        One tensor is gathered at a time, so the transient memory is the largest tensor in fp32
+        (the embedding), not a second full fp32 copy of the model.
+        """
+        target = self.replica.state_dict()
+        for name, value in self.student.model.state_dict().items():
+            target[name].copy_(value.full_tensor() if isinstance(value, DTensor) else value)
 
 
 def replicate(model: nn.Module, dtype: torch.dtype) -> nn.Module:
