@@ -349,6 +349,7 @@ def va_opd_loss(
     high_weight: float = 0.5,
     backend: str = "auto",
     chunk_size: int | None = None,
+    process_group=None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The VA-OPD (or OPD) loss without materialising ``[tokens x vocab]``.
 
@@ -364,8 +365,17 @@ def va_opd_loss(
             ``1.5 * chunk_size * vocab_size`` elements of the input dtype (plus fp32 temporaries
             of a chunk's size on the torch backend).
 
+        process_group: a ``torch.distributed`` group over which one batch is split (data
+            parallelism). Sibling responses may then sit on different ranks: their VA means and
+            group ids are all-gathered (two small collectives) so the weights are those of the
+            whole batch. Every rank must call the loss; ``group_ids`` must be globally unique and
+            ``num_prompts`` the global prompt count (required). The ranks' losses then add up to
+            the single-process loss, and so do their gradients (sum, not average, across ranks).
+
     Only valid tokens are computed: fully masked rows and padding cost nothing.
     """
+    if process_group is not None and num_prompts is None:
+        raise ValueError("num_prompts is required with process_group: pass the global number of prompts in the step")
     checked = check_loss_inputs(
         student_hidden, student_weight, teacher_hidden, teacher_ablated_hidden, teacher_weight,
         tokens, mask, group_ids, method=method, kl_estimator=kl_estimator,
@@ -376,13 +386,13 @@ def va_opd_loss(
         student_hidden, student_weight, teacher_hidden, teacher_ablated_hidden, teacher_weight, tokens, checked.mask,
         group_ids, method=method, kl_estimator=kl_estimator, vocab=checked.vocab_size, num_prompts=checked.num_prompts,
         temperature=temperature, high_fraction=high_fraction, high_weight=high_weight,
-        ops=_row_ops(backend, device), chunk=_chunk_rows(chunk_size, device),
+        ops=_row_ops(backend, device), chunk=_chunk_rows(chunk_size, device), process_group=process_group,
     )
 
 
 def chunked_va_opd_loss(
     student_hidden, student_weight, teacher_hidden, teacher_ablated_hidden, teacher_weight, tokens, mask, group_ids,
-    *, method, kl_estimator, vocab, num_prompts, temperature, high_fraction, high_weight, ops, chunk,
+    *, method, kl_estimator, vocab, num_prompts, temperature, high_fraction, high_weight, ops, chunk, process_group=None,
 ):
     """``va_opd_loss`` on validated arguments (bool ``mask``, resolved ``vocab`` and ``num_prompts``)
     with a given row-op module ``ops`` (``triton_ops``, ``torch_ops`` or a compatible one, such as
@@ -415,7 +425,7 @@ def chunked_va_opd_loss(
         else:
             ablated_logp = torch.where(mask, float("nan"), 0.0).float()
             va = torch.zeros_like(teacher_logp)
-        coef = loss_coefficients(method, va, mask, group_ids, temperature, high_fraction, high_weight)
+        coef = loss_coefficients(method, va, mask, group_ids, temperature, high_fraction, high_weight, process_group)
         coef_rows = valid_rows(coef) / num_prompts
 
     student_rows = valid_rows(student_hidden)

@@ -219,10 +219,14 @@ def opd_coefficients(mask: torch.Tensor, group_ids: torch.Tensor) -> torch.Tenso
         ``[B, T]`` fp32, zero outside ``mask``; each response sums to ``1 / K_g``, each group to 1.
     """
     mask = _as_mask(mask)
-    index, groups = _group_index(group_ids, mask.shape[0])
-    lengths = _lengths(mask).float()
-    k = _group_sum(torch.ones_like(lengths), index, groups)[index]
-    return mask.float() / (k * lengths)[:, None]
+    _group_index(group_ids, mask.shape[0])
+    return mask.float() / (_group_sizes(group_ids) * _lengths(mask))[:, None]
+
+
+def _group_sizes(group_ids: torch.Tensor) -> torch.Tensor:
+    """``[B]`` fp32: the size of each response's sibling group."""
+    _, index, counts = torch.unique(group_ids, return_inverse=True, return_counts=True)
+    return counts[index].float()
 
 
 def loss_coefficients(
@@ -233,11 +237,17 @@ def loss_coefficients(
     temperature: float = 1.0,
     high_fraction: float = 0.2,
     high_weight: float = 0.5,
+    process_group=None,
 ) -> torch.Tensor:
     """The per-token coefficient ``c_t`` of the loss for ``method`` ("va_opd" or "opd").
 
     Unlike the functions above, fully masked rows are allowed (padding rows of a micro-batch):
     they are left out of every group statistic and get zero coefficients.
+
+    With a ``torch.distributed`` ``process_group``, a sibling group may be spread over its ranks:
+    each response's mean VA and group id are all-gathered, so the rollout weights (and OPD's group
+    sizes) are those of the batch of all ranks together. Every rank of the group must call this,
+    with globally unique group ids (e.g. the prompt's index in the global batch).
 
     Returns:
         ``[B, T]`` fp32 coefficients, detached, zero outside ``mask``.
@@ -245,16 +255,50 @@ def loss_coefficients(
     if method not in _METHODS:
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
     mask = _as_mask(mask)
+    _group_index(group_ids, mask.shape[0])  # validates before sub-setting
     coef = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
     rows = mask.any(dim=1)
-    if not rows.any():
-        return coef
-    _group_index(group_ids, mask.shape[0])  # validates before sub-setting
     sub_mask, sub_groups = mask[rows], group_ids[rows]
-    if method == "opd":
-        coef[rows] = opd_coefficients(sub_mask, sub_groups)
-    else:
+    lengths = sub_mask.sum(dim=1)
+    if method == "va_opd":
         sub_va = va[rows]
-        weights = rollout_weights(sub_va, sub_mask, sub_groups, temperature=temperature)
+        _check_values(sub_va, "va")
+        means = torch.where(sub_mask, sub_va.detach().float(), 0.0).sum(dim=1) / lengths
+    else:
+        means = torch.zeros(len(sub_groups), device=mask.device)
+    all_means, all_ids, offset = _gather_responses(means, sub_groups, process_group)
+    if len(sub_groups) == 0:
+        return coef
+    mine = slice(offset, offset + len(sub_groups))
+    if method == "opd":
+        coef[rows] = sub_mask.float() / (_group_sizes(all_ids)[mine] * lengths)[:, None]
+    else:
+        ones = torch.ones(len(all_ids), 1, dtype=torch.bool, device=mask.device)
+        weights = rollout_weights(all_means[:, None], ones, all_ids, temperature=temperature)[mine]
         coef[rows] = token_coefficients(sub_va, sub_mask, weights, high_fraction, high_weight)
     return coef
+
+
+def _gather_responses(means: torch.Tensor, group_ids: torch.Tensor, process_group) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Every rank's ``[n_r]`` response means and group ids, in rank order, and this rank's offset.
+
+    Without a process group: the inputs and offset 0. Ranks may hold different numbers of
+    responses (none included): the counts go first, then rows padded to the largest count.
+    """
+    if process_group is None:
+        return means, group_ids, 0
+    import torch.distributed as dist
+
+    world, rank = dist.get_world_size(process_group), dist.get_rank(process_group)
+    counts = [torch.zeros(1, dtype=torch.int64, device=means.device) for _ in range(world)]
+    dist.all_gather(counts, torch.tensor([len(means)], device=means.device), group=process_group)
+    counts = [int(c) for c in counts]
+    width = max(max(counts), 1)
+    # fp64 carries the fp32 means and int64 ids (below 2^53) exactly.
+    local = torch.zeros(width, 2, dtype=torch.float64, device=means.device)
+    local[: len(means), 0] = means.double()
+    local[: len(means), 1] = group_ids.double()
+    parts = [torch.empty_like(local) for _ in range(world)]
+    dist.all_gather(parts, local, group=process_group)
+    rows = torch.cat([part[:n] for part, n in zip(parts, counts)])
+    return rows[:, 0].float(), rows[:, 1].long(), sum(counts[:rank])
