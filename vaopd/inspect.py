@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import html
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -92,23 +93,23 @@ def _high_share(r: dict) -> float:
     return sum(v for v, h in zip(r["teacher_va"], r["high"]) if h) / total if total > 0 else 0.0
 
 
-def _shade(value: float, top: float, rgb: tuple[int, int, int]) -> str:
-    alpha = 0.0 if top <= 0 else min(1.0, max(0.0, value) / top)
+def _shade(value: float, rgb: tuple[int, int, int]) -> str:
+    """Background for a VA in nats: ``1 - exp(-va)`` opacity, the same scale on every rollout
+    (0.1 nat is faint, 1 nat clear, 3 nats solid), so rollouts can be compared by eye."""
+    alpha = 1.0 - math.exp(-max(0.0, value))
     return f"background: rgba({rgb[0]},{rgb[1]},{rgb[2]},{alpha:.2f})"
 
 
 def _rollout_html(r: dict) -> str:
-    top = max(max(r["teacher_va"], default=0.0), 1e-9)
-    s_top = max(max(r["student_va"], default=0.0), 1e-9)
     teacher_line, student_line, table = [], [], []
     for i, tok in enumerate(r["tokens"]):
         shown = html.escape(tok).replace("\n", "\\n") or "&nbsp;"
         tip = (f"teacher VA {r['teacher_va'][i]:.4f} (log p {r['teacher_logp'][i]:.3f} clean, "
                f"{r['teacher_ablated_logp'][i]:.3f} ablated); student VA {r['student_va'][i]:.4f}")
         cls = "tok high" if r["high"][i] else "tok"
-        teacher_line.append(f'<span class="{cls}" style="{_shade(r["teacher_va"][i], top, (220, 60, 30))}" '
+        teacher_line.append(f'<span class="{cls}" style="{_shade(r["teacher_va"][i], (220, 60, 30))}" '
                             f'title="{html.escape(tip)}">{shown}</span>')
-        student_line.append(f'<span class="tok" style="{_shade(r["student_va"][i], s_top, (30, 90, 220))}" '
+        student_line.append(f'<span class="tok" style="{_shade(r["student_va"][i], (30, 90, 220))}" '
                             f'title="{html.escape(tip)}">{shown}</span>')
         table.append(f"<tr><td>{i}</td><td><code>{shown}</code></td><td>{r['teacher_va'][i]:.4f}</td>"
                      f"<td>{'yes' if r['high'][i] else ''}</td><td>{r['teacher_logp'][i]:.3f}</td>"
@@ -144,9 +145,9 @@ def render_page(runs: list[Path], out: Path, curves: str | None = None) -> Path:
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>vaopd inspect</title><style>{_STYLE}</style></head><body>",
              "<h1>Visual advantage on sampled rollouts</h1>",
              "<p>Red shading: the teacher's visual advantage of each sampled token (clean minus ablated "
-             "log-probability, floored at 0), scaled per rollout; outlined tokens form the high-VA group the "
+             "log-probability, floored at 0; opacity 1 - exp(-VA), the same scale everywhere); outlined tokens form the high-VA group the "
              "VA-OPD loss gives half of the response's weight. Blue shading: the student's own clean minus "
-             "ablated log-probability of the same token. Hover a token for its numbers.</p>"]
+             "ablated log-probability of the same token (negative values unshaded). Hover a token for its numbers.</p>"]
     if curves:
         parts.append(f'<h2>Training curves</h2><img src="{html.escape(curves)}" style="max-width:100%">')
     for run in runs:
