@@ -18,7 +18,8 @@ Splits are JSONL files in the layout ``vaopd.data.load_records`` reads with its 
 (``problem``, ``answer``, ``images`` as a path relative to the file), plus ``id``, ``kind`` and
 ``response`` (the SFT target). Everything is a pure function of the seed.
 
-``python -m vaopd.toy.task --out DIR [--seed S] [--train N --val N --test N]`` writes the splits.
+``python -m vaopd.toy.task --out DIR [--seed S] [--train N --val N --test N] [--sheet PNG]`` writes the splits
+(and a picture of a few examples above their pixelated copies).
 """
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-__all__ = ["SIZE", "COLORS", "Example", "render_digits", "render_squares", "make_example", "generate", "write_splits"]
+__all__ = ["SIZE", "COLORS", "Example", "render_digits", "render_squares", "make_example", "generate", "write_splits",
+           "example_sheet"]
 
 SIZE = 64
 # The image processor's mean colour: a background that normalises to ~0, so the patch features
@@ -175,6 +177,19 @@ def write_splits(out: str | Path, seed: int = 0, sizes: dict[str, int] | None = 
     return files
 
 
+def example_sheet(n: int = 6, seed: int = 0, scale: int = 3) -> Image.Image:
+    """The first ``n`` examples of a split (top row) above their pixelated copies (bottom row)."""
+    from vaopd.ablate import ablate
+
+    examples = generate(n, seed, "sheet")
+    side = SIZE * scale
+    sheet = Image.new("RGB", (n * (side + 4), 2 * (side + 4)), (255, 255, 255))
+    for i, ex in enumerate(examples):
+        for row, image in enumerate((ex.image, ablate(ex.image))):
+            sheet.paste(image.resize((side, side), Image.NEAREST), (i * (side + 4), row * (side + 4)))
+    return sheet
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vaopd.toy.task", description="Write the toy task's splits.")
     parser.add_argument("--out", required=True)
@@ -182,7 +197,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train", type=int, default=2000)
     parser.add_argument("--val", type=int, default=64)
     parser.add_argument("--test", type=int, default=200)
+    parser.add_argument("--sheet", default=None, metavar="PNG", help="also save clean/pixelated examples side by side")
     args = parser.parse_args(argv)
+    if args.sheet:
+        example_sheet(seed=args.seed).save(args.sheet)
     files = write_splits(args.out, args.seed, {"train": args.train, "val": args.val, "test": args.test})
     for split, path in files.items():
         print(f"{split}: {path}")
