@@ -41,7 +41,7 @@ class Settings:
     train_size: int = 2000
     val_size: int = 64
     test_size: int = 200
-    teacher_steps: int = 600
+    teacher_steps: int = 900
     teacher_lr: float = 3e-3
     student_steps: int = 150
     student_lr: float = 3e-3
@@ -194,12 +194,18 @@ def _table(results: dict) -> str:
             rows.append((f"{method} after ({n} seeds)", results["summary"][method]))
     for name, stats in rows:
         lines.append(f"| {name} | " + " | ".join(cell(stats, c[0]) for c in columns) + " |")
+    lines += ["", "Teacher VA on the student's digit readings (training rollouts of all seeds, `rollouts.jsonl`):", "",
+              "| run | reading | tokens | mean teacher VA | share in high group |", "|---|---|---|---|---|"]
+    for method, groups in results.get("digit_readings", {}).items():
+        for key, g in groups.items():
+            lines.append(f"| {method} | {key} | {g['tokens']} | {g['mean_va']:.3f} | {g['high_rate']:.3f} |")
     return "\n".join(lines)
 
 
 def run(out: str | Path, st: Settings) -> dict:
     """The full comparison into ``out``; returns what ``results.json`` holds."""
-    from vaopd.inspect import find_runs, plot_curves, render_page
+    from vaopd.inspect import find_runs, plot_curves, read_jsonl, render_page
+    from vaopd.toy.digits import digit_token_stats
     from vaopd.toy.task import write_splits
 
     out = Path(out).resolve()
@@ -245,6 +251,8 @@ def run(out: str | Path, st: Settings) -> dict:
         "summary": {m: _summary([r for r in runs if r["method"] == m]) for m in ("opd", "va_opd")},
     }
     run_dirs = find_runs(out / "runs")
+    train_rows = {r["id"]: r for r in read_jsonl(data / "train.jsonl")}
+    results["digit_readings"] = digit_token_stats(run_dirs, train_rows)
     curves = plot_curves(run_dirs, out / "inspect" / "curves.png")
     render_page(run_dirs, out / "inspect", curves.name if curves else None)
     timings["total"] = time.perf_counter() - t0
