@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 
 from tests.trainer_utils import free_port
 from vaopd.data import tiny_records
-from vaopd.distributed import DistEnv, Parallel, generate_slots, replicate, shard_model, sharded_va_opd_loss, slot_layout
+from vaopd.distributed import DistEnv, Parallel, generate_slots, replicate, shard_model, slot_layout
 from vaopd.kernels import va_opd_loss
 from vaopd.rollout import PromptBatch, encode_prompts
 from vaopd.tiny import build_image_processor, build_model, build_tokenizer
@@ -73,12 +73,10 @@ def worker(rank, world, port, out):
             root = shard_model(student, param_dtype=None, device=torch.device("cpu"))
             t_root = shard_model(teacher, param_dtype=None, device=torch.device("cpu")) if teacher_mode == "fsdp" else None
             (parts,) = slot_layout(P, K, P, world)
-            counts = [len(p) for p in parts]
 
             def loss_fn(*args):
-                return sharded_va_opd_loss(*args, counts, method=method, kl_estimator=estimator, vocab_size=vocab,
-                                           num_prompts=P, temperature=1.0, high_fraction=0.2, high_weight=0.5,
-                                           backend="torch", chunk_size=None)[0]
+                return va_opd_loss(*args, method=method, kl_estimator=estimator, vocab_size=vocab, num_prompts=P,
+                                   process_group=dist.group.WORLD)[0]
 
             loss = rows_loss(lambda inputs: root(**inputs), teacher, prompts, ablated, tokens, mask,
                              list(parts[rank]), loss_fn, t_root)

@@ -159,7 +159,7 @@ def _script(argv: list[str]) -> int:
         at = argv.index("--fault")
         kind, fault_rank, fault_call = argv[at + 1], int(argv[at + 2]), int(argv[at + 3])
         argv = argv[:at] + argv[at + 4:]
-        real, calls = train_mod.sharded_va_opd_loss, []
+        real, calls = train_mod.va_opd_loss, []
 
         def faulty(*args, **kwargs):
             calls.append(1)
@@ -169,7 +169,7 @@ def _script(argv: list[str]) -> int:
                 os.kill(os.getpid(), signal.SIGTERM)
             return real(*args, **kwargs)
 
-        train_mod.sharded_va_opd_loss = faulty
+        train_mod.va_opd_loss = faulty
     return train_mod.main(argv)
 
 

@@ -11,12 +11,12 @@ one per rank. Every rank therefore runs the same number of forward and backward 
 collectives need that), and a sibling group lies either on one rank or across neighbouring ranks
 (when ``N`` does not divide ``M``, or ``M < N``).
 
-Split siblings. The VA-OPD weight of a response depends on its siblings' mean visual advantage,
-so each rank all-gathers ``(mean VA, group id)`` of its responses for the micro-batch and computes
-the rollout weights over the gathered ``[B_global]`` vectors with ``vaopd.objective``; the token
-split stays local (it needs only the response's own tokens). The loss is divided by the global
-``P``. FSDP's reduce-scatter *sums* the ranks' gradients (divide factor 1), so the step's gradient
-is the single-process gradient of the same global batch.
+Split siblings. The VA-OPD weight of a response depends on its siblings' mean visual advantage:
+the trainer calls ``va_opd_loss(..., process_group=WORLD)``, which all-gathers each response's
+mean VA and group id and computes the rollout weights of the whole micro-batch (the token split
+stays local). The loss is divided by the global ``P``, and FSDP's reduce-scatter *sums* the
+ranks' gradients (divide factor 1), so the step's gradient is the single-process gradient of the
+same global batch.
 """
 from __future__ import annotations
 
@@ -34,12 +34,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from vaopd.kernels import fused_linear_logprobs, fused_linear_reverse_kl
-from vaopd.objective import rollout_weights, token_coefficients, visual_advantage
-
 __all__ = ["DistEnv", "Parallel", "launched_by_torchrun", "init_distributed", "shutdown", "HiddenAndHead", "shard_model",
-           "slot_layout", "generate_slots", "rollout_seed", "gather_rows", "sibling_coefficients", "sharded_va_opd_loss",
-           "reduce_sums", "any_rank", "clip_grad_norm", "load_full_optimizer_state", "replicate"]
+           "slot_layout", "generate_slots", "rollout_seed", "reduce_sums", "any_rank", "clip_grad_norm", "load_full_optimizer_state", "replicate"]
 
 
 @dataclass(frozen=True)
@@ -208,91 +204,6 @@ def rollout_seed(seed: int, step: int, rank: int) -> int:
     repeat each other), and a function of the step alone, so a resumed run samples as the
     uninterrupted one would on the same number of ranks."""
     return (seed * 1_000_003 + step) * 65_537 + rank
-
-
-def gather_rows(local: torch.Tensor, counts: list[int]) -> torch.Tensor:
-    """All ranks' ``[n_r, ...]`` tensors stacked in rank order, ``[sum(counts), ...]``.
-
-    ``counts[r]`` is rank r's row count (every rank knows the layout); rows are padded to the
-    largest count for the collective and trimmed after.
-    """
-    width = max(counts)
-    padded = local.new_zeros((width, *local.shape[1:]))
-    padded[: local.shape[0]] = local
-    parts = [torch.empty_like(padded) for _ in counts]
-    dist.all_gather(parts, padded)
-    return torch.cat([p[:n] for p, n in zip(parts, counts)])
-
-
-def sibling_coefficients(method: str, va: torch.Tensor, mask: torch.Tensor, group_ids: torch.Tensor, counts: list[int], *,
-                         temperature: float, high_fraction: float, high_weight: float) -> torch.Tensor:
-    """Loss coefficients ``[B, T]`` fp32 of this rank's responses, with siblings on any rank.
-
-    ``va``/``mask`` ``[B, T]`` (every row has a valid token), ``group_ids`` ``[B]`` int64 global
-    prompt indices, ``counts`` every rank's ``B`` for this micro-batch. Each response's mean VA and
-    group id are all-gathered; the rollout weights (``va_opd``: softmax of the z-scored means in a
-    group; ``opd``: ``1 / K_g``) are computed on the gathered vectors, exactly as on one process.
-    """
-    mask = mask.bool()
-    lengths = mask.sum(dim=1)
-    # The same fp32 mean rollout_weights takes; carried in fp64 so ids and means travel exactly.
-    means = torch.where(mask, va.float(), 0.0).sum(dim=1) / lengths
-    gathered = gather_rows(torch.stack([means.double(), group_ids.double()], dim=1), counts)
-    all_means, all_ids = gathered[:, 0].float(), gathered[:, 1].long()
-    offset = sum(counts[: dist.get_rank()])
-    ones = torch.ones(len(all_ids), 1, dtype=torch.bool, device=va.device)
-    if method == "va_opd":
-        weights = rollout_weights(all_means[:, None], ones, all_ids, temperature=temperature)[offset: offset + len(means)]
-        return token_coefficients(va, mask, weights, high_fraction, high_weight)
-    _, index = torch.unique(all_ids, return_inverse=True)
-    sizes = torch.zeros(int(index.max()) + 1, device=va.device).index_add_(0, index, torch.ones_like(all_means))
-    k = sizes[index][offset: offset + len(means)]
-    return mask.float() / (k * lengths)[:, None]
-
-
-def sharded_va_opd_loss(student_hidden, student_weight, teacher_hidden, teacher_ablated_hidden, teacher_weight, tokens, mask,
-                        group_ids, counts: list[int], *, method: str, kl_estimator: str, vocab_size: int, num_prompts: int,
-                        temperature: float, high_fraction: float, high_weight: float, backend: str, chunk_size: int | None):
-    """``vaopd.kernels.va_opd_loss`` for one rank's share of a micro-batch whose sibling groups may
-    continue on other ranks.
-
-    Arguments are ``va_opd_loss``'s (``[B, T, D]`` hidden states, ``[V, D]`` LM heads, ``[B, T]``
-    tokens and mask, ``[B]`` group ids) plus ``counts``, every rank's ``B``. Phase A (teacher
-    log-probs of both views, hence VA) runs locally, the rollout weights come from the gathered
-    statistics (``sibling_coefficients``), and phase B is ``fused_linear_reverse_kl`` (or the
-    sampled estimator's policy-gradient form) with the coefficients divided by the *global*
-    ``num_prompts``. The sum of every rank's loss is the single-process loss.
-
-    Returns ``(loss, stats)`` with ``stats`` holding ``[B, T]`` fp32 ``kl``, ``va`` and ``coef``.
-    """
-    mask = mask.bool()
-    tok = tokens[mask].long()
-    kw = dict(backend=backend, chunk_size=chunk_size)
-
-    def spread(values: torch.Tensor) -> torch.Tensor:
-        return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_scatter_(mask, values.float())
-
-    teacher_rows = teacher_hidden.detach()[mask]
-    with torch.no_grad():
-        t_logp, _ = fused_linear_logprobs(teacher_rows, teacher_weight.detach(), tok, vocab_size, **kw)
-        if teacher_ablated_hidden is not None:
-            a_logp, _ = fused_linear_logprobs(teacher_ablated_hidden.detach()[mask], teacher_weight.detach(), tok, vocab_size, **kw)
-            va = visual_advantage(spread(t_logp), spread(a_logp), mask)
-        else:
-            va = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
-        coef = sibling_coefficients(method, va, mask, group_ids, counts, temperature=temperature,
-                                    high_fraction=high_fraction, high_weight=high_weight)
-        coef_rows = coef[mask] / num_prompts
-    student_rows = student_hidden[mask]
-    if kl_estimator == "full":
-        loss, kl = fused_linear_reverse_kl(student_rows, student_weight, teacher_rows, teacher_weight.detach(), coef_rows,
-                                           vocab_size, **kw)
-    else:
-        s_logp, _ = fused_linear_logprobs(student_rows, student_weight, tok, vocab_size, **kw)
-        kl = s_logp.detach() - t_logp
-        # Value sum(c k); gradient sum(c k grad log pS(y)), as va_opd_loss's sampled estimator.
-        loss = (coef_rows * kl * (1.0 + s_logp - s_logp.detach())).sum()
-    return loss, {"kl": spread(kl.detach()), "va": va, "coef": coef}
 
 
 def reduce_sums(sums: dict[str, float], device: torch.device) -> dict[str, float]:

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from vaopd.ablate import ablate
@@ -43,7 +44,7 @@ from vaopd.config import Config, ConfigError, load_config, to_dict, to_yaml
 from vaopd.data import Dataset, DataError, load_records, step_indices, tiny_records
 from vaopd.distributed import (DistEnv, HiddenAndHead, Parallel, any_rank, clip_grad_norm, generate_slots, init_distributed,
                                launched_by_torchrun, load_full_optimizer_state, reduce_sums, replicate, rollout_seed,
-                               shard_model, sharded_va_opd_loss, shutdown, slot_layout)
+                               shard_model, shutdown, slot_layout)
 from vaopd.eval import evaluate
 from vaopd.inspect import write_rollouts
 from vaopd.kernels import va_opd_loss
@@ -385,13 +386,11 @@ def train_step(cfg: Config, s: Setup, optimizer, scheduler, step: int) -> dict:
     # Global slots (prompt * K + sample) of each micro-batch: all of them on one process, this
     # rank's share under torchrun (vaopd.distributed: groups may continue on a neighbour rank).
     if par is None:
-        layout = None
         parts = [range(first * K, (first + mb) * K) for first in range(0, P, mb)]
         with timer("rollout"), autocast:
             tokens, mask = s.rollout.generate(prompts, K)
     else:
-        layout = slot_layout(P, K, mb, par.env.world_size)
-        parts = [m[par.env.rank] for m in layout]
+        parts = [m[par.env.rank] for m in slot_layout(P, K, mb, par.env.world_size)]
         with timer("rollout"), autocast:
             par.sync_replica()
             torch.manual_seed(rollout_seed(cfg.train.seed, step, par.env.rank))
@@ -415,7 +414,7 @@ def train_step(cfg: Config, s: Setup, optimizer, scheduler, step: int) -> dict:
     sums: dict[str, float] = {"truncated": float(truncated.sum())}
     loss_total = 0.0
     row = 0  # this process's rows of tokens/mask are its slots in order
-    for m, part in enumerate(parts):
+    for part in parts:
         owner = [j // K for j in part]  # the prompt (= sibling group id) of each row
         rows = torch.arange(row, row + len(part))
         row += len(part)
@@ -437,11 +436,11 @@ def train_step(cfg: Config, s: Setup, optimizer, scheduler, step: int) -> dict:
                 else:
                     s_hidden, s_weight = par.student(**scoring_inputs(m_prompts, m_tokens, m_mask))
                     s_hidden = s_hidden[:, lp - 1:]
-            args = (s_hidden.to(compute_dtype), s_weight.to(compute_dtype), t_hidden, t_ablated, t_weight, m_tokens, m_mask, group_ids)
-            if par is None:
-                loss, stats = va_opd_loss(*args, **loss_options)
-            else:
-                loss, stats = sharded_va_opd_loss(*args, [len(p) for p in layout[m]], **loss_options)
+            # Under torchrun a sibling group may continue on another rank: process_group makes the
+            # loss gather the responses' mean VA so the weights are those of the whole micro-batch.
+            loss, stats = va_opd_loss(
+                s_hidden.to(compute_dtype), s_weight.to(compute_dtype), t_hidden, t_ablated, t_weight, m_tokens, m_mask,
+                group_ids, **loss_options, process_group=None if par is None else dist.group.WORLD)
             loss.backward()
         if par is not None and par.teacher is not None:
             par.teacher.reshard()
