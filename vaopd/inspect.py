@@ -174,6 +174,12 @@ def _rollout_curve(rollouts: list[dict], value) -> tuple[list[int], list[float]]
     return steps, [sum(value(r) for r in rollouts if r["step"] == s) / sum(1 for r in rollouts if r["step"] == s) for s in steps]
 
 
+def _moving_average(xs: list, ys: list, window: int) -> tuple[list, list]:
+    """Trailing mean over ``window`` points, from the first full window on."""
+    out = [sum(ys[i - window + 1:i + 1]) / window for i in range(window - 1, len(ys))]
+    return xs[window - 1:], out
+
+
 def plot_curves(runs: list[Path], path: Path) -> Path | None:
     """Plot the runs' curves into ``path`` (PNG); None when no run has metrics."""
     import matplotlib
@@ -203,7 +209,10 @@ def plot_curves(runs: list[Path], path: Path) -> Path | None:
                 rows = [m for m in metrics if m.get(key) is not None]
                 xs, ys = [m["step"] for m in rows], [m[key] for m in rows]
             if xs:
-                ax.plot(xs, ys, color=color, alpha=0.7, marker="o" if len(xs) < 12 else None, ms=3, label=label)
+                if len(xs) > 60:  # per-step curves: faint raw values under a moving average
+                    ax.plot(xs, ys, color=color, alpha=0.15, lw=0.6)
+                    xs, ys = _moving_average(xs, ys, max(2, len(xs) // 25))
+                ax.plot(xs, ys, color=color, alpha=0.8, marker="o" if len(xs) < 30 else None, ms=3, label=label)
                 drawn = True
             ax.set_title(title, fontsize=9)
             ax.set_xlabel("step", fontsize=8)
@@ -214,7 +223,7 @@ def plot_curves(runs: list[Path], path: Path) -> Path | None:
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
+    fig.savefig(path, dpi=70)
     plt.close(fig)
     return path
 
