@@ -1,11 +1,11 @@
 """The trainer's rollout log and the inspect page rendered from a tiny run."""
-import html
 import json
 import math
 
 from trainer_utils import tiny_config
 
 from vaopd.inspect import main as inspect_main
+from vaopd.inspect import visible_token
 from vaopd.train import train
 
 
@@ -35,11 +35,16 @@ def test_rollout_log_and_inspect_page(tmp_path):
     assert "opd (opd)" in page and "va_opd (va_opd)" in page
     last = lines[-1]
     for i, tok in enumerate(last["tokens"]):
-        assert html.escape(tok).replace("\n", "\\n") in page
+        assert visible_token(tok) in page
     assert f"{last['teacher_va'][0]:.4f}" in page and f"{last['student_va'][-1]:.4f}" in page
     # Both runs' steps 1 and 3 are their first and last logged steps: every rollout is on the page.
     opd_lines = [json.loads(x) for x in (tmp_path / "opd" / "rollouts.jsonl").read_text().splitlines()]
     assert page.count('class="tok high"') == sum(sum(r["high"]) for r in lines + opd_lines)
+
+
+def test_visible_token_escapes_control_bytes():
+    assert visible_token("\x00") == "\\x00" and visible_token("\n") == "\\x0a"
+    assert visible_token("<b>") == "&lt;b&gt;" and visible_token("") == "&nbsp;"
 
 
 def test_inspect_without_runs_is_an_error(tmp_path):

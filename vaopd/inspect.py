@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import yaml
 
-__all__ = ["write_rollouts", "read_jsonl", "find_runs", "render_page", "plot_curves", "main"]
+__all__ = ["write_rollouts", "read_jsonl", "find_runs", "visible_token", "render_page", "plot_curves", "main"]
 
 _METHOD_COLORS = {"opd": "tab:blue", "va_opd": "tab:red"}
 
@@ -100,10 +100,16 @@ def _shade(value: float, rgb: tuple[int, int, int]) -> str:
     return f"background: rgba({rgb[0]},{rgb[1]},{rgb[2]},{alpha:.2f})"
 
 
+def visible_token(token: str) -> str:
+    """HTML for a token: escaped, control characters (a sampled raw byte can be one) as ``\\xNN``."""
+    shown = "".join(f"\\x{ord(ch):02x}" if ord(ch) < 32 or ord(ch) == 127 else ch for ch in token)
+    return html.escape(shown) or "&nbsp;"
+
+
 def _rollout_html(r: dict) -> str:
     teacher_line, student_line, table = [], [], []
     for i, tok in enumerate(r["tokens"]):
-        shown = html.escape(tok).replace("\n", "\\n") or "&nbsp;"
+        shown = visible_token(tok)
         tip = (f"teacher VA {r['teacher_va'][i]:.4f} (log p {r['teacher_logp'][i]:.3f} clean, "
                f"{r['teacher_ablated_logp'][i]:.3f} ablated); student VA {r['student_va'][i]:.4f}")
         cls = "tok high" if r["high"][i] else "tok"
