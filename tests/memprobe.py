@@ -4,6 +4,7 @@ Usage: python memprobe.py {reference|torch} TOKENS VOCAB [CHUNK]; prints the pea
 bytes over the resident size just before the call (inputs already built). Run in a subprocess so
 that no earlier allocation hides the peak: ``ru_maxrss`` only ever grows.
 """
+import ctypes
 import resource
 import sys
 
@@ -17,7 +18,17 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
+def lock_memory() -> None:
+    """Keep every page of this process resident. Machines that page cold memory out proactively
+    (DAMON "pageout", as on these CI machines) would otherwise count the library code faulted back
+    in during the measured call as growth."""
+    mcl_current, mcl_future = 1, 2
+    if ctypes.CDLL("libc.so.6", use_errno=True).mlockall(mcl_current | mcl_future) != 0:
+        raise OSError(ctypes.get_errno(), "mlockall failed: the memory probe needs to lock its pages")
+
+
 def main():
+    lock_memory()
     impl, tokens, vocab = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     chunk = int(sys.argv[4]) if len(sys.argv) > 4 else None
     torch.manual_seed(0)
