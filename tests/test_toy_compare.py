@@ -39,7 +39,7 @@ def test_comparison_pipeline_smoke(tmp_path):
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["summary"]["va_opd"]["accuracy.detail"]["n"] == 1
     table = (tmp_path / "results.md").read_text()
-    assert "va_opd after (1 seeds)" in table and "teacher (SFT)" in table
+    assert "va_opd after (1 seeds)" in table and "teacher (SFT, own rollouts)" in table
     page = (tmp_path / "inspect" / "index.html").read_text()
     assert "va_opd_s0 (va_opd)" in page and "opd_s0 (opd)" in page and 'class="tok high"' in page
     assert (tmp_path / "inspect" / "curves.png").is_file()

@@ -173,9 +173,6 @@ def _table(results: dict) -> str:
             return "-"
         return f"{s['mean']:.3f} ± {s['std']:.3f}" if s["n"] > 1 else f"{s['mean']:.3f}"
 
-    def single(m: dict) -> dict:
-        return _summary([m])
-
     columns = [
         ("accuracy.detail", "acc. detail"), ("accuracy.coarse", "acc. coarse"),
         ("profile.detail.student_reliance_per_token", "student reliance / token (detail)"),
@@ -186,8 +183,9 @@ def _table(results: dict) -> str:
         ("profile.coarse.teacher_high_share", "teacher VA share of top 20 % (coarse)"),
     ]
     lines = ["| model | " + " | ".join(c[1] for c in columns) + " |", "|" + "---|" * (len(columns) + 1)]
-    rows = [("teacher (SFT)", {"accuracy." + k: {"mean": v, "std": 0.0, "n": 1} for k, v in results["teacher"]["accuracy"].items()}),
-            ("student before (SFT)", single(results["student_before"]))]
+    # The teacher's row measures it on its own rollouts: what reading the digits looks like.
+    rows = [("teacher (SFT, own rollouts)", _summary([results["teacher"]])),
+            ("student before (SFT)", _summary([results["student_before"]]))]
     for method in ("opd", "va_opd"):
         if method in results["summary"]:
             n = len([r for r in results["runs"] if r["method"] == method])
