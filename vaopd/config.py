@@ -146,6 +146,7 @@ class LogConfig:
     va_warn_threshold: float = 1e-4
     # Every N steps (and at the first), per-token data of the step's first `rollouts_per_log`
     # rollouts go to <run_dir>/rollouts.jsonl for `python -m vaopd.inspect`; 0 = off.
+    # Single-process runs only (not under torchrun).
     rollouts_every: int = 0
     rollouts_per_log: int = 4
 

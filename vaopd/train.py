@@ -452,7 +452,8 @@ def train_step(cfg: Config, s: Setup, optimizer, scheduler, step: int) -> dict:
         sums = reduce_sums(sums, s.device)
         loss_total = sums["loss"]
 
-    if cfg.log.rollouts_every and step % cfg.log.rollouts_every == 0:
+    # Single process only: under torchrun a rank's rows are not the step's first rollouts.
+    if cfg.log.rollouts_every and par is None and step % cfg.log.rollouts_every == 0:
         log_rollouts(cfg, s, step, records, prompts, tokens, mask)
     with timer("optimizer"):
         params = [p for p in s.student.parameters() if p.requires_grad]
@@ -526,6 +527,8 @@ def train(cfg: Config, *, resume: str | bool | None = None, handle_signals: bool
     device = env.device if env else resolve_device(cfg)
     main_rank = env is None or env.is_main
     say = tqdm.write if main_rank else (lambda *args, **kwargs: None)
+    if env and cfg.log.rollouts_every:
+        say("log.rollouts_every: rollouts.jsonl is written by single-process runs only; not under torchrun")
     run_dir = run_dir_of(cfg)
     ckpt = _resume_checkpoint(run_dir, resume)
     sharded_ckpt = ckpt is not None and is_sharded_checkpoint(ckpt)
