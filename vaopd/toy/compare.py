@@ -268,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
     parser.add_argument("--steps", type=int, default=None, help="distillation steps per run")
     parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--student-steps", type=int, default=None, help="SFT steps of the student (how well it starts)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test of the pipeline")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="trainer override for the distillation runs")
     args = parser.parse_args(argv)
@@ -278,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
         st.distill_steps = args.steps
     if args.workers is not None:
         st.workers = args.workers
+    if args.student_steps is not None:
+        st.student_steps = args.student_steps
     st.extra = st.extra + list(args.set)
     run(args.out, st)
     return 0
