@@ -5,5 +5,6 @@
 - ``sft``: supervised fine-tuning of the tiny teacher and the warm-started student;
 - ``analysis``: accuracy per question kind, the teacher's VA distribution and the student's own
   visual reliance on its rollouts;
+- ``digits``: the teacher's VA on the student's correct and wrong digit readings;
 - ``compare``: ``python -m vaopd.toy.compare --out runs/toy`` runs everything end to end.
 """
