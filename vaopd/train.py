@@ -47,7 +47,7 @@ from vaopd.distributed import (DistEnv, HiddenAndHead, Parallel, any_rank, clip_
                                shard_model, shutdown, slot_layout)
 from vaopd.eval import evaluate
 from vaopd.inspect import write_rollouts
-from vaopd.kernels import va_opd_loss
+from vaopd.kernels import fused_linear_logprobs, va_opd_loss
 from vaopd.metrics import MetricsLogger, token_stats
 from vaopd.rollout import HFGenerate, PromptBatch, RolloutBackend, banned_token_ids, encode_prompts, prompt_pixels
 from vaopd.tiny import build_image_processor, build_model, build_tokenizer, is_tiny
@@ -353,9 +353,8 @@ def log_rollouts(cfg: Config, s: Setup, step: int, records, prompts: PromptBatch
     m_tokens, m_mask = tokens[rows].to(s.device), mask[rows].to(s.device)
     lp = m_prompts.input_ids.shape[1]
 
-    def logp(hidden, weight):
-        logits = hidden.float() @ weight[:s.vocab_size].float().T
-        return torch.log_softmax(logits, -1).gather(-1, m_tokens.unsqueeze(-1)).squeeze(-1)
+    def logp(hidden, weight):  # fused: no [tokens x vocab] logits, even for diagnostics
+        return fused_linear_logprobs(hidden.to(weight.dtype), weight, torch.where(m_mask, m_tokens, 0), s.vocab_size)[0]
 
     t_clean, t_abl = teacher_hidden(s.teacher, m_prompts, ablated, m_tokens, m_mask)
     t_weight = s.teacher.get_output_embeddings().weight

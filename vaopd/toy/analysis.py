@@ -19,6 +19,7 @@ import torch
 
 from vaopd.ablate import ablate
 from vaopd.eval import evaluate
+from vaopd.kernels import fused_linear_logprobs
 from vaopd.objective import token_coefficients
 from vaopd.rollout import HFGenerate, banned_token_ids, encode_prompts, prompt_pixels
 from vaopd.train import eos_token_ids, scoring_inputs
@@ -48,11 +49,12 @@ def accuracy_by_kind(model, tokenizer, image_processor, records, kinds: dict[str
 def token_logps(model, prompts, ablated_pixels, tokens, mask, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``[B, T]`` log-probs of ``tokens`` with the prompts' clean images and with ``ablated_pixels``."""
     lp = prompts.input_ids.shape[1]
-    weight = model.get_output_embeddings().weight[:vocab_size]
+    weight = model.get_output_embeddings().weight
+    safe_tokens = torch.where(mask.bool(), tokens, 0)
     out = []
     for batch in (prompts, prompts.with_pixels(ablated_pixels)):
         hidden = model.model(**scoring_inputs(batch, tokens, mask)).last_hidden_state[:, lp - 1:]
-        out.append(torch.log_softmax(hidden @ weight.T, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1))
+        out.append(fused_linear_logprobs(hidden.to(weight.dtype), weight, safe_tokens, vocab_size)[0])
     return out[0], out[1]
 
 

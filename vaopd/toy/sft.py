@@ -19,9 +19,9 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from vaopd.data import Record, load_records
+from vaopd.kernels import fused_linear_logprobs
 from vaopd.rollout import encode_prompts
 from vaopd.tiny import build_image_processor, build_model, build_tokenizer
 from vaopd.train import scoring_inputs
@@ -52,14 +52,14 @@ def sft_loss(model, tokenizer, image_processor, records: list[Record], responses
     """Mean token cross-entropy of ``responses`` given the records' images and questions.
 
     Uses the trainer's teacher-forcing layout (``scoring_inputs``), so SFT sees exactly the
-    prompts that rollouts and distillation will see. Logits stop at the tokenizer's vocabulary
-    (the LM head's padding rows are never targets).
+    prompts that rollouts and distillation will see. The softmax stops at the tokenizer's
+    vocabulary (the LM head's padding rows are never targets), and no logits are kept.
     """
     prompts = encode_prompts([r.question + instruction for r in records], [r.image for r in records], tokenizer, image_processor)
     tokens, mask = _response_tokens(tokenizer, responses)
     hidden = model.model(**scoring_inputs(prompts, tokens, mask)).last_hidden_state[:, prompts.input_ids.shape[1] - 1:]
-    logits = model.lm_head(hidden[mask])[:, :len(tokenizer)]
-    return F.cross_entropy(logits, tokens[mask])
+    weight = model.lm_head.weight
+    return -fused_linear_logprobs(hidden[mask].to(weight.dtype), weight, tokens[mask], len(tokenizer))[0].mean()
 
 
 def train_sft(model, tokenizer, image_processor, records: list[Record], responses: dict[str, str], *, steps: int,
