@@ -64,14 +64,14 @@ def grid(request):
 def pytest_configure(config):
     # On a CPU, make the process's resident size follow live memory, so that the peak-memory
     # figures mean something: hand freed blocks of 64 KiB and more straight back to the OS, and
-    # lock pages in (machines that page cold memory out proactively would otherwise count library
-    # code faulted back in as growth). Best effort: the timings do not depend on it.
+    # lock the pages mapped so far (machines that page cold memory out proactively would otherwise
+    # count library code faulted back in as growth). Best effort: the timings do not depend on it.
     if torch.cuda.is_available():
         return
     try:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-3, 65536)  # M_MMAP_THRESHOLD
-        libc.mlockall(1 | 2)  # MCL_CURRENT | MCL_FUTURE
+        libc.mlockall(1)  # MCL_CURRENT (MCL_FUTURE would populate every reserved region)
     except (OSError, AttributeError):
         pass
 
