@@ -62,11 +62,11 @@ def grid(request):
 
 
 def pytest_configure(config):
-    # On a CPU, make the process's resident size follow live memory, so that the peak-memory
+    # When benchmarking on a CPU, make the process's resident size follow live memory, so that the peak-memory
     # figures mean something: hand freed blocks of 64 KiB and more straight back to the OS, and
     # lock the pages mapped so far (machines that page cold memory out proactively would otherwise
     # count library code faulted back in as growth). Best effort: the timings do not depend on it.
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() or config.getoption("benchmark_disable", False):
         return
     try:
         libc = ctypes.CDLL("libc.so.6")
