@@ -1,4 +1,4 @@
-"""Peak extra memory of the chunked torch path, measured as process RSS in fresh subprocesses."""
+"""Peak extra memory of the chunked torch path: anonymous resident memory of fresh subprocesses."""
 import os
 import subprocess
 import sys
