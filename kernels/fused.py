@@ -405,8 +405,8 @@ def chunked_va_opd_loss(
         x = x.reshape(-1, x.shape[-1]) if x.dim() == 3 else x.reshape(-1)
         return x if rows is None else x.index_select(0, rows)
 
-    def scatter(values, fill=0.0):
-        out = torch.full((flat_mask.numel(),), fill, dtype=torch.float32, device=device)
+    def scatter(values):
+        out = torch.zeros(flat_mask.numel(), dtype=torch.float32, device=device)
         if rows is None:
             out.copy_(values)
         else:
