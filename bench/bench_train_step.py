@@ -10,7 +10,10 @@ import pytest
 import torch
 
 from vaopd.config import load_config
-from vaopd.train import build_optimizer, build_setup, resolve_device, train_step
+from vaopd.build import build_setup
+from vaopd.models import resolve_device
+from vaopd.optim import build_optimizer
+from vaopd.step import train_step
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
 PHASES = ("rollout", "teacher", "loss", "optimizer")

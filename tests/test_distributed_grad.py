@@ -14,7 +14,7 @@ from vaopd.distributed import DistEnv, Parallel, generate_slots, replicate, shar
 from vaopd.kernels import va_opd_loss
 from vaopd.rollout import PromptBatch, encode_prompts
 from vaopd.tiny import build_image_processor, build_model, build_tokenizer
-from vaopd.train import scoring_inputs, teacher_hidden
+from vaopd.scoring import scoring_inputs, teacher_hidden
 
 P, K = 3, 2  # 6 responses on 2 ranks: slots 0-2 and 3-5, so prompt 1's siblings are split
 VARIANTS = [("va_opd", "full", "replica"), ("opd", "full", "replica"), ("va_opd", "sampled", "replica"),

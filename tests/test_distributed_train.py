@@ -18,6 +18,8 @@ import torch
 import torch.distributed as dist
 from transformers import AutoModelForImageTextToText
 
+import vaopd.build as build_mod
+import vaopd.step as step_mod
 import vaopd.train as train_mod
 from tests.trainer_utils import free_port, max_diff, state, tiny_config
 from vaopd.checkpoint import is_sharded_checkpoint, latest_checkpoint
@@ -77,7 +79,7 @@ def exported(tmp_path, checkpoint, name):
 
 
 def test_resume_across_world_sizes_continues_identically(tmp_path, monkeypatch):
-    monkeypatch.setattr(train_mod, "HFGenerate", ScriptedRollout)
+    monkeypatch.setattr(build_mod, "HFGenerate", ScriptedRollout)
     # Reference: one plain process, 4 steps, single-process checkpoints at 2 and 4.
     ref = train_mod.train(tiny_config(tmp_path, *SETTINGS, "train.max_steps=4", "train.checkpoint_every=2", name="ref"))
     ref_weights, ref_losses = state(ref.student), step_losses(ref.run_dir)
@@ -108,7 +110,7 @@ def test_resume_across_world_sizes_continues_identically(tmp_path, monkeypatch):
 
 
 def test_export_of_a_single_process_checkpoint_is_its_model(tmp_path, monkeypatch):
-    monkeypatch.setattr(train_mod, "HFGenerate", ScriptedRollout)
+    monkeypatch.setattr(build_mod, "HFGenerate", ScriptedRollout)
     result = train_mod.train(tiny_config(tmp_path, *SETTINGS, "train.max_steps=1"))
     assert max_diff(exported(tmp_path, result.checkpoint, "export"), state(result.student)) == 0
 
@@ -154,12 +156,12 @@ def test_process_group_is_gloo_on_cpu_with_the_configured_timeout(monkeypatch):
 
 def _script(argv: list[str]) -> int:
     """torchrun entry: ``vaopd.train.main`` with scripted rollouts and an optional injected fault."""
-    train_mod.HFGenerate = ScriptedRollout
+    build_mod.HFGenerate = ScriptedRollout
     if "--fault" in argv:
         at = argv.index("--fault")
         kind, fault_rank, fault_call = argv[at + 1], int(argv[at + 2]), int(argv[at + 3])
         argv = argv[:at] + argv[at + 4:]
-        real, calls = train_mod.va_opd_loss, []
+        real, calls = step_mod.va_opd_loss, []
 
         def faulty(*args, **kwargs):
             calls.append(1)
@@ -169,7 +171,7 @@ def _script(argv: list[str]) -> int:
                 os.kill(os.getpid(), signal.SIGTERM)
             return real(*args, **kwargs)
 
-        train_mod.va_opd_loss = faulty
+        step_mod.va_opd_loss = faulty
     return train_mod.main(argv)
 
 

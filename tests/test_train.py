@@ -7,14 +7,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import vaopd.train as train_mod
+import vaopd.build as build_mod
+import vaopd.optim as optim_mod
+import vaopd.step as step_mod
 from tests.trainer_utils import max_diff, state, tiny_config
 from vaopd.checkpoint import latest_checkpoint, load_trainer_state
 from vaopd.data import tiny_records
 from vaopd.kernels import va_opd_loss
 from vaopd.rollout import HFGenerate, banned_token_ids, encode_prompts, response_mask
 from vaopd.tiny import build_image_processor, build_model, build_tokenizer
-from vaopd.train import TrainingAborted, VocabularyError, main, scoring_inputs, teacher_hidden, train
+from vaopd.models import VocabularyError
+from vaopd.scoring import scoring_inputs, teacher_hidden
+from vaopd.train import TrainingAborted, main, train
 
 
 def metrics(run_dir):
@@ -143,7 +147,7 @@ def test_bad_record_and_bad_config_from_the_command_line(tmp_path, capsys):
 
 def with_loss_hook(monkeypatch, hook):
     """Wrap the trainer's loss so ``hook(call_index, loss)`` can replace the loss or act."""
-    real = train_mod.va_opd_loss
+    real = step_mod.va_opd_loss
     calls = []
 
     def wrapped(*args, **kwargs):
@@ -151,7 +155,7 @@ def with_loss_hook(monkeypatch, hook):
         calls.append(1)
         return hook(len(calls), loss), stats
 
-    monkeypatch.setattr(train_mod, "va_opd_loss", wrapped)
+    monkeypatch.setattr(step_mod, "va_opd_loss", wrapped)
 
 
 def test_non_finite_steps_are_skipped_then_abort_keeps_last_good_checkpoint(tmp_path, monkeypatch):
@@ -231,7 +235,7 @@ def test_gradient_checkpointing_gives_the_same_step(tmp_path):
 
 def test_a_rollout_backend_plugs_in_and_only_valid_tokens_count(tmp_path):
     cfg = tiny_config(tmp_path)
-    setup = train_mod.build_setup(cfg, torch.device("cpu"))
+    setup = build_mod.build_setup(cfg, torch.device("cpu"))
     eos, pad = setup.eos_ids[0], setup.tokenizer.pad_token_id
 
     class Fixed:  # every response: two tokens, EOS, then padding (which must not count)
@@ -240,6 +244,6 @@ def test_a_rollout_backend_plugs_in_and_only_valid_tokens_count(tmp_path):
             return tokens, response_mask(tokens, setup.eos_ids)
 
     setup.rollout = Fixed()
-    optimizer, scheduler = train_mod.build_optimizer(cfg, setup.student, 2)
-    record = train_mod.train_step(cfg, setup, optimizer, scheduler, 0)
+    optimizer, scheduler = optim_mod.build_optimizer(cfg, setup.student, 2)
+    record = step_mod.train_step(cfg, setup, optimizer, scheduler, 0)
     assert record["response_len"] == 3 and record["truncated"] == 0 and not record["skipped"]

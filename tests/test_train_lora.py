@@ -4,7 +4,8 @@ import json
 from tests.trainer_utils import max_diff, state, tiny_config
 from vaopd.eval import main as eval_main
 from vaopd.tiny import build_model, build_tokenizer
-from vaopd.train import base_model, train
+from vaopd.models import base_model
+from vaopd.train import train
 
 LORA = ("model.lora.enabled=true", "model.lora.r=4", "model.lora.alpha=8", "train.max_steps=2")
 

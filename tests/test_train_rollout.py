@@ -4,7 +4,7 @@ import torch
 from vaopd.data import tiny_records
 from vaopd.rollout import HFGenerate, banned_token_ids, encode_prompts, response_mask
 from vaopd.tiny import build_image_processor, build_model, build_tokenizer
-from vaopd.train import scoring_inputs
+from vaopd.scoring import scoring_inputs
 
 EOS = 7
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-__all__ = ["DataError", "Record", "Dataset", "load_records", "tiny_records", "step_indices"]
+__all__ = ["DataError", "Record", "Dataset", "load_records", "load_dataset", "tiny_records", "step_indices"]
 
 
 class DataError(ValueError):
@@ -173,3 +173,14 @@ def step_indices(step: int, prompts_per_step: int, num_records: int, seed: int) 
         g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
         out.append(int(torch.randperm(num_records, generator=g)[offset]))
     return out
+
+
+def load_dataset(cfg, source: str, split_seed: int) -> Dataset:
+    """The records of a ``vaopd.config.Config``'s data ``source``: "tiny" (generated;
+    ``split_seed`` tells train 0 from validation 1) or a JSONL/parquet file."""
+    if source == "tiny":
+        size = cfg.data.tiny_train_size if split_seed == 0 else cfg.data.tiny_val_size
+        return Dataset(records=tiny_records(size, seed=2 * cfg.train.seed + split_seed), source="tiny")
+    return load_records(source, question_key=cfg.data.question_key, answer_key=cfg.data.answer_key,
+                        image_key=cfg.data.image_key, id_key=cfg.data.id_key, image_root=cfg.data.image_root,
+                        skip_bad_records=cfg.data.skip_bad_records)

@@ -15,7 +15,8 @@ import torch
 from math_verify import parse, verify
 
 from vaopd.config import ConfigError, load_config
-from vaopd.data import DataError
+from vaopd.data import DataError, load_dataset
+from vaopd.models import eos_token_ids, load_pretrained
 from vaopd.rollout import HFGenerate, banned_token_ids, encode_prompts
 
 __all__ = ["grade", "evaluate", "main"]
@@ -55,8 +56,6 @@ def evaluate(model, tokenizer, image_processor, records, *, eos_ids, banned_ids,
 
 
 def main(argv: list[str] | None = None) -> int:
-    from vaopd.train import eos_token_ids, load_dataset, load_pretrained  # the trainer's loaders
-
     parser = argparse.ArgumentParser(prog="python -m vaopd.eval", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="a step_* folder written by vaopd.train")
     parser.add_argument("--data", default=None, help="validation file (default: the run's data.val)")

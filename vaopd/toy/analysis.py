@@ -22,7 +22,8 @@ from vaopd.eval import evaluate
 from vaopd.kernels import fused_linear_logprobs
 from vaopd.objective import token_coefficients
 from vaopd.rollout import HFGenerate, banned_token_ids, encode_prompts, prompt_pixels
-from vaopd.train import eos_token_ids, scoring_inputs
+from vaopd.models import eos_token_ids
+from vaopd.scoring import scoring_inputs
 
 __all__ = ["accuracy_by_kind", "token_logps", "visual_profile"]
 

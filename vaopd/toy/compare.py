@@ -79,7 +79,7 @@ def _measure(model_dir: Path, teacher_dir: Path, data: Path, st: Settings, seed:
     from vaopd.config import load_config
     from vaopd.toy.analysis import accuracy_by_kind, visual_profile
     from vaopd.toy.sft import load_split
-    from vaopd.train import load_pretrained
+    from vaopd.models import load_pretrained
 
     cfg = load_config(CONFIG)
     cpu = torch.device("cpu")

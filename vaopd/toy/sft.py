@@ -24,7 +24,7 @@ from vaopd.data import Record, load_records
 from vaopd.kernels import fused_linear_logprobs
 from vaopd.rollout import encode_prompts
 from vaopd.tiny import build_image_processor, build_model, build_tokenizer
-from vaopd.train import scoring_inputs
+from vaopd.scoring import scoring_inputs
 
 __all__ = ["load_split", "sft_loss", "train_sft", "reinitialise", "save_model", "sft_model", "main"]
 

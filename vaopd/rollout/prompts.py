@@ -1,11 +1,11 @@
-"""Prompts, rollouts and response masks.
+"""Prompts, the rollout interface and response masks (shared by every rollout engine).
 
 - ``encode_prompts`` turns records into a left-padded Qwen-VL batch (``PromptBatch``), expanding
   each image placeholder to the number of image tokens its grid needs (as the Qwen processor
   does, without its torchvision-bound video processor).
-- ``RolloutBackend`` is the small interface a generation engine implements; ``HFGenerate`` is the
-  transformers ``generate`` backend (batched, left-padded, KV cache, banned ids suppressed).
-- ``response_mask`` implements SPEC.md's valid tokens: up to and including the first EOS; a
+- ``RolloutBackend`` is the small interface a generation engine implements (``vaopd.rollout.hf``,
+  ``vaopd.rollout.vllm``).
+- ``response_mask`` implements the objective's valid tokens: up to and including the first EOS; a
   truncated response keeps all its tokens.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Protocol
 import torch
 from PIL import Image
 
-__all__ = ["PromptBatch", "encode_prompts", "prompt_pixels", "banned_token_ids", "response_mask", "RolloutBackend", "HFGenerate"]
+__all__ = ["PromptBatch", "encode_prompts", "prompt_pixels", "banned_token_ids", "response_mask", "RolloutBackend"]
 
 _VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>", "<|vision_pad|>")
 
@@ -121,42 +121,7 @@ def response_mask(tokens: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:
 
 class RolloutBackend(Protocol):
     """Samples ``k`` responses per prompt. Returns ``tokens [N*k, T]`` int64 (prompt-major rows,
-    padding after the first EOS) and their ``response_mask``. A vLLM engine can implement this."""
+    padding after the first EOS) and their ``response_mask``."""
 
     def generate(self, prompts: PromptBatch, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         ...
-
-
-class HFGenerate:
-    """``RolloutBackend`` on ``model.generate``: sampling with temperature and top-p, KV cache."""
-
-    def __init__(self, model, *, eos_ids: list[int], pad_id: int, banned_ids: list[int],
-                 temperature: float, top_p: float, max_new_tokens: int, batch_prompts: int = 0):
-        self.model, self.eos_ids, self.pad_id, self.banned_ids = model, eos_ids, pad_id, banned_ids
-        self.temperature, self.top_p, self.max_new_tokens, self.batch_prompts = temperature, top_p, max_new_tokens, batch_prompts
-
-    @torch.no_grad()
-    def generate(self, prompts: PromptBatch, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            step = self.batch_prompts or len(prompts)
-            chunks = [self._generate(prompts.select(list(range(s, min(s + step, len(prompts))))).repeat(k))
-                      for s in range(0, len(prompts), step)]
-        finally:
-            self.model.train(was_training)
-        width = max(c.shape[1] for c in chunks)
-        tokens = torch.cat([torch.nn.functional.pad(c, (0, width - c.shape[1]), value=self.pad_id) for c in chunks])
-        return tokens, response_mask(tokens, self.eos_ids)
-
-    def _generate(self, batch: PromptBatch) -> torch.Tensor:
-        device = next(self.model.parameters()).device
-        batch = batch.to(device)
-        out = self.model.generate(
-            input_ids=batch.input_ids, attention_mask=batch.attention_mask, mm_token_type_ids=batch.mm_token_type_ids,
-            pixel_values=batch.pixel_values, image_grid_thw=batch.image_grid_thw,
-            do_sample=True, temperature=self.temperature, top_p=self.top_p, top_k=0,
-            max_new_tokens=self.max_new_tokens, eos_token_id=self.eos_ids, pad_token_id=self.pad_id,
-            suppress_tokens=self.banned_ids or None, use_cache=True,
-        )
-        return out[:, batch.input_ids.shape[1]:].cpu()

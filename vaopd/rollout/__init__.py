@@ -1,0 +1,12 @@
+"""Rollout engines: sample ``K`` responses per prompt from the student.
+
+Every engine implements ``RolloutBackend.generate(prompts, k) -> (tokens, mask)`` with the same
+layout, so scoring, the loss and the distributed path never see which engine ran.
+``vaopd.rollout.hf`` wraps transformers ``generate``.
+"""
+from vaopd.rollout.hf import HFGenerate
+from vaopd.rollout.prompts import (PromptBatch, RolloutBackend, banned_token_ids, encode_prompts, prompt_pixels,
+                                   response_mask)
+
+__all__ = ["PromptBatch", "RolloutBackend", "HFGenerate", "encode_prompts", "prompt_pixels", "banned_token_ids",
+           "response_mask"]
