@@ -85,7 +85,7 @@ def test_dry_run_with_model_folders_and_lora(tmp_path, capsys):
     assert main(["--dry-run", "--set", f"model.teacher={folder}", "--set", "model.lora.enabled=true",
                  "--set", "model.lora.r=2"]) == 0
     out = capsys.readouterr().out
-    assert f"teacher: {folder} (Qwen3VLForConditionalGeneration): 568,224 params" in out
+    assert f"teacher: {folder} (Qwen3VLForConditionalGeneration): 595,920 params" in out
     assert "(LoRA r=2)" in out and "241,088 trainable" not in out
 
 

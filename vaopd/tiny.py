@@ -49,10 +49,12 @@ _CORPUS = [
 
 # vocab: BPE target size; head_pad: extra LM-head rows (Qwen heads carry padding rows, and the
 # trainer must never sample them). Student and teacher share the tokenizer, widths may differ.
+# head_dim 32 (not hidden / heads): vLLM's CPU attention rejects head dims below 32, and the same
+# tiny models must run under both rollout engines.
 PRESETS: dict[str, dict] = {
-    "student": dict(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, head_pad=64,
+    "student": dict(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, head_dim=32, head_pad=64,
                     vision_hidden=32, vision_depth=1, init_range=0.02),
-    "teacher": dict(hidden=96, intermediate=192, layers=3, heads=4, kv_heads=2, head_pad=96,
+    "teacher": dict(hidden=96, intermediate=192, layers=3, heads=4, kv_heads=2, head_dim=32, head_pad=96,
                     vision_hidden=48, vision_depth=2, init_range=0.2),
 }
 TOKENIZER_VOCAB = 384
@@ -99,7 +101,7 @@ def build_model(preset: str, tokenizer: PreTrainedTokenizerFast, seed: int) -> Q
     p = PRESETS[preset]
     vocab = len(tokenizer)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    head_dim = p["hidden"] // p["heads"]
+    head_dim = p["head_dim"]
     # mrope sections (t, h, w) sum to head_dim / 2.
     half = head_dim // 2
     mrope = [half - 2 * (half // 3), half // 3, half // 3]
