@@ -25,6 +25,10 @@ setup(
         "safetensors",
         "tqdm",
         "math-verify",
+        # eval.grader first_boxed_mathruler; mathruler imports pylatexenc and sympy without declaring them.
+        "mathruler>=0.1.0",
+        "pylatexenc>=2.10",
+        "sympy",
     ],
     extras_require={
         "gpu": ["flash-attn"],
