@@ -1,4 +1,4 @@
-"""Validation grading (math-verify) and ``python -m vaopd.eval`` on a checkpoint."""
+"""Validation grading and ``python -m vaopd.eval`` on a checkpoint."""
 import json
 
 import pytest
@@ -34,7 +34,8 @@ def test_eval_cli_errors(tmp_path, capsys):
     assert "not a vaopd checkpoint" in capsys.readouterr().err
 
 
-def test_evaluate_maps_samples_to_their_questions(monkeypatch):
+@pytest.mark.parametrize("grader", ["math_verify", "first_boxed_mathruler"])
+def test_evaluate_maps_samples_to_their_questions(monkeypatch, grader):
     import torch
 
     import vaopd.eval as eval_mod
@@ -64,5 +65,8 @@ def test_evaluate_maps_samples_to_their_questions(monkeypatch):
     monkeypatch.setattr(eval_mod, "HFGenerate", Oracle)
     out = eval_mod.evaluate(build_model("student", tok, 0), tok, build_image_processor(), records,
                             eos_ids=[tok.eos_token_id], banned_ids=[], samples=2, temperature=1.0, top_p=1.0,
-                            max_new_tokens=4, batch_prompts=2, instruction="", seed=0)
-    assert out == {"accuracy": 0.5, "questions": 3, "samples": 6}
+                            max_new_tokens=4, batch_prompts=2, instruction="", seed=0, grader=grader)
+    per_question = out.pop("per_question")
+    assert out == {"accuracy": 0.5, "avg@k": 0.5, "k": 2, "questions": 3, "samples": 6}
+    assert [q["id"] for q in per_question] == [r.id for r in records]
+    assert all(q["correct"] == [True, False] for q in per_question)

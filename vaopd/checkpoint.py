@@ -65,9 +65,10 @@ def _fsync_tree(path: Path) -> None:
 
 def save_checkpoint(
     checkpoints_dir: Path, step: int, *, model, tokenizer, image_processor, trainer_state: dict,
-    config_yaml: str, keep: int,
+    config_yaml: str, keep: int, protect: tuple[int, ...] = (),
 ) -> Path:
-    """Write checkpoint ``step`` atomically; keep the newest ``keep`` checkpoints. Returns its path."""
+    """Write checkpoint ``step`` atomically; keep the newest ``keep`` checkpoints (-1: all) and the
+    steps in ``protect`` (the best checkpoint). Returns its path."""
     checkpoints_dir = Path(checkpoints_dir)
     checkpoints_dir.mkdir(parents=True, exist_ok=True)
     final = checkpoints_dir / f"step_{step:08d}"
@@ -86,18 +87,22 @@ def save_checkpoint(
     (tmp / "meta.json").write_text(json.dumps(meta) + "\n", encoding="utf-8")
     _fsync_tree(tmp)
     os.rename(tmp, final)  # atomic on POSIX within one filesystem
-    _prune(checkpoints_dir, keep)
+    _prune(checkpoints_dir, keep, protect)
     return final
 
 
-def _prune(checkpoints_dir: Path, keep: int) -> None:
+def _prune(checkpoints_dir: Path, keep: int, protect: tuple[int, ...] = ()) -> None:
+    """Delete all but the newest ``keep`` checkpoints and the ``protect`` steps; ``keep = -1`` keeps all."""
+    if keep < 0:
+        return
     for old in sorted(p for p in checkpoints_dir.iterdir() if _STEP_DIR.match(p.name))[:-keep]:
-        shutil.rmtree(old)
+        if int(_STEP_DIR.match(old.name).group(1)) not in protect:
+            shutil.rmtree(old)
 
 
 def save_sharded_checkpoint(
     checkpoints_dir: Path, step: int, *, model, optimizer, tokenizer, image_processor, trainer_state: dict,
-    config_yaml: str, keep: int,
+    config_yaml: str, keep: int, protect: tuple[int, ...] = (),
 ) -> Path:
     """Collective (every rank calls it): write checkpoint ``step`` in the sharded layout.
 
@@ -134,7 +139,7 @@ def save_sharded_checkpoint(
     dist.barrier()  # every rank's shards are on disk before the checkpoint becomes visible
     if main:
         os.rename(tmp, final)
-        _prune(checkpoints_dir, keep)
+        _prune(checkpoints_dir, keep, protect)
     dist.barrier()
     return final
 

@@ -17,7 +17,7 @@ import yaml
 
 __all__ = [
     "ConfigError", "ModelConfig", "LoraConfig", "DataConfig", "RolloutConfig", "LossConfig",
-    "OptimConfig", "TrainConfig", "EvalConfig", "LogConfig", "DistributedConfig", "Config", "load_config", "to_dict", "to_yaml",
+    "OptimConfig", "TrainConfig", "SubsetConfig", "EvalConfig", "LogConfig", "DistributedConfig", "Config", "load_config", "to_dict", "to_yaml",
 ]
 
 
@@ -122,8 +122,17 @@ class TrainConfig:
     # e.g. to fit a job's time limit; 0 = run to max_steps.
     stop_after: int = 0
     checkpoint_every: int = 0  # 0 = only at the end
+    # Newest checkpoints kept (the best one, see eval, is kept as well); -1 = keep every checkpoint.
     keep_checkpoints: int = 2
     max_bad_steps: int = 3  # consecutive non-finite steps before aborting
+
+
+@dataclass
+class SubsetConfig:
+    # Validate on `count` questions of data.val drawn without replacement with random.Random(seed)
+    # (kept in file order); 0 = every question.
+    count: int = 0
+    seed: int = 42
 
 
 @dataclass
@@ -135,6 +144,10 @@ class EvalConfig:
     max_new_tokens: int = 16
     max_questions: int = 0  # 0 = all
     batch_prompts: int = 8
+    subset: SubsetConfig = field(default_factory=SubsetConfig)
+    # first_boxed_mathruler: the first \boxed{} or answer marker, mathruler's grade_answer (the
+    # method authors' rule); math_verify: math-verify on the whole response (vaopd.grading).
+    grader: Literal["first_boxed_mathruler", "math_verify"] = "math_verify"
 
 
 @dataclass
@@ -194,7 +207,6 @@ class Config:
             "model.lora.r": self.model.lora.r,
             "train.max_bad_steps": self.train.max_bad_steps,
             "log.rollouts_per_log": self.log.rollouts_per_log,
-            "train.keep_checkpoints": self.train.keep_checkpoints,
             "distributed.timeout_s": self.distributed.timeout_s,
         }
         for key, value in positive.items():
@@ -212,6 +224,7 @@ class Config:
             "train.checkpoint_every": self.train.checkpoint_every,
             "eval.every": self.eval.every,
             "eval.max_questions": self.eval.max_questions,
+            "eval.subset.count": self.eval.subset.count,
             "log.rollouts_every": self.log.rollouts_every,
             "data.tiny_train_size": self.data.tiny_train_size,
             "data.tiny_val_size": self.data.tiny_val_size,
@@ -237,6 +250,8 @@ class Config:
                 raise ConfigError(f"{key}: must be in {'[0, 1]' if closed else '(0, 1]'}, got {value!r}")
         if len(self.optim.betas) != 2 or not all(0 <= b < 1 for b in self.optim.betas):
             raise ConfigError(f"optim.betas: must be two numbers in [0, 1), got {self.optim.betas!r}")
+        if self.train.keep_checkpoints != -1 and self.train.keep_checkpoints < 1:
+            raise ConfigError(f"train.keep_checkpoints: must be >= 1, or -1 to keep all, got {self.train.keep_checkpoints!r}")
         if self.data.min_pixels > self.data.max_pixels:
             raise ConfigError(f"data.min_pixels: {self.data.min_pixels} exceeds data.max_pixels {self.data.max_pixels}")
         mb = self.train.micro_batch_prompts
