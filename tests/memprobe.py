@@ -51,8 +51,10 @@ def main():
     chunk = int(sys.argv[4]) if len(sys.argv) > 4 else None
     torch.manual_seed(0)
     torch.set_num_threads(1)
-    b = 8
-    t = tokens // b
+    # Responses of 256 tokens in sibling groups of 4: 1,024-token groups at every token count, so
+    # a chunk of 1,024 rows or more runs the one-pass path and a smaller one the two phases.
+    t = min(256, tokens)
+    b = tokens // t
     args = (
         torch.randn(b, t, 64, requires_grad=True), torch.randn(vocab, 64, requires_grad=True),
         torch.randn(b, t, 64), torch.randn(b, t, 64), torch.randn(vocab, 64),
