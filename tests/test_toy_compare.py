@@ -1,11 +1,12 @@
-"""Smoke run of the toy comparison pipeline (tiny sizes, one seed, two steps) and the SFT loss."""
+"""Smoke run of the toy comparison pipeline (tiny sizes, one seed, two steps), the regimes, and the SFT loss."""
 import json
 
 import torch
 import yaml
 
 from vaopd.tiny import build_image_processor, build_model, build_tokenizer
-from vaopd.toy.compare import QUICK, Settings, run
+from vaopd.config import load_config
+from vaopd.toy.compare import CONFIGS, Settings, run, settings_for
 from vaopd.toy.sft import load_split, train_sft
 from vaopd.toy.task import write_splits
 
@@ -20,15 +21,29 @@ def test_sft_fits_a_small_batch(tmp_path):
     assert losses[-1] < 0.5 * losses[0], losses
 
 
+def test_regimes():
+    assert settings_for("original") == Settings()
+    paper = settings_for("paper")
+    assert paper.template == "scaffold" and len(paper.seeds) >= 5 and paper.student_steps > Settings().student_steps
+    original, paper_cfg = load_config(CONFIGS / "toy.yaml"), load_config(CONFIGS / paper.config)
+    assert (paper_cfg.rollout.temperature, paper_cfg.rollout.top_p) == (0.7, 0.95)
+    assert paper_cfg.optim.lr <= original.optim.lr / 10
+    quick = settings_for("paper", quick=True)
+    assert quick.template == "scaffold" and quick.seeds == [0] and quick.distill_steps == 2
+
+
 def test_comparison_pipeline_smoke(tmp_path):
+    """The paper regime's path (the original regime runs the same code with other settings)."""
     torch.manual_seed(0)
-    results = run(tmp_path, Settings(**QUICK))
+    results = run(tmp_path, settings_for("paper", quick=True))
     runs = {(r["method"], r["seed"]) for r in results["runs"]}
     assert runs == {("opd", 0), ("va_opd", 0)}
     for r in results["runs"]:
         assert set(r["accuracy"]) == {"detail", "coarse"}
         assert all(0.0 <= v <= 1.0 for v in r["accuracy"].values())
         assert r["profile"]["detail"]["tokens"] > 0
+        readings = r["readings"]["all"]
+        assert readings["positions"] > 0 and readings["draws_correct"] + readings["draws_wrong"] == 2 * readings["positions"]
     # Both runs start from the same student and differ only in the loss.
     configs = {m: yaml.safe_load((tmp_path / "runs" / f"{m}_s0" / "config.yaml").read_text()) for m in ("opd", "va_opd")}
     assert configs["opd"]["model"] == configs["va_opd"]["model"]
@@ -36,10 +51,16 @@ def test_comparison_pipeline_smoke(tmp_path):
     configs["opd"]["loss"].pop("method"), configs["va_opd"]["loss"].pop("method")
     configs["opd"]["train"].pop("run_dir"), configs["va_opd"]["train"].pop("run_dir")
     assert configs["opd"] == configs["va_opd"]
+    assert (configs["opd"]["rollout"]["temperature"], configs["opd"]["rollout"]["top_p"]) == (0.7, 0.95)
+    # Scaffolded answers: the short template's are under 60 characters, the scaffold's over 80.
+    responses = [json.loads(line)["response"] for line in (tmp_path / "data" / "train.jsonl").read_text().splitlines()]
+    assert min(len(r) for r in responses) > 70
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["summary"]["va_opd"]["accuracy.detail"]["n"] == 1
+    assert saved["difference"]["readings.all.kl"]["n"] == 1
     table = (tmp_path / "results.md").read_text()
     assert "va_opd after (1 seeds)" in table and "teacher (SFT, own rollouts)" in table
+    assert "va_opd - opd (paired by seed, n=1" in table and "KL at wrong readings" in table
     page = (tmp_path / "inspect" / "index.html").read_text()
     assert "va_opd_s0 (va_opd)" in page and "opd_s0 (opd)" in page and 'class="tok high"' in page
     assert (tmp_path / "inspect" / "curves.png").is_file()

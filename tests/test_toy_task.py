@@ -64,3 +64,28 @@ def test_pixelation_destroys_the_digits_but_not_the_squares():
     squares = [e for e in examples if e.kind == "coarse"][:150]
     for e in squares:
         assert _quadrant_colours(ablate(e.image)) == _quadrant_colours(e.image)
+
+
+def test_scaffold_template_keeps_the_content_and_the_reading_sentence():
+    from vaopd.tiny import build_tokenizer
+    from vaopd.toy.digits import reading_positions
+
+    tokenizer = build_tokenizer()
+    short, scaffold = generate(60, 0, "check"), generate(60, 0, "check", template="scaffold")
+    lengths = {"short": [], "scaffold": []}
+    for s, e in zip(short, scaffold):
+        assert (s.kind, s.question, s.answer) == (e.kind, e.question, e.answer)
+        assert s.image.tobytes() == e.image.tobytes()
+        assert grade(e.response, e.answer), e.response
+        for name, ex in (("short", s), ("scaffold", e)):
+            ids = tokenizer(ex.response, add_special_tokens=False)["input_ids"]
+            lengths[name].append(len(ids))
+            if ex.kind == "detail":
+                # The digits read are found at the same reading positions under either template.
+                tokens = [tokenizer.decode([i]) for i in ids]
+                truth = ex.response.split(" are ")[1].split(".")[0].split(" and ")
+                assert [tokens[p].strip() for p in reading_positions(tokens)] == truth
+    # The scaffold makes the responses about twice as long: tens of tokens around two readings.
+    assert max(lengths["short"]) <= 26 and 30 <= min(lengths["scaffold"]) and max(lengths["scaffold"]) <= 60
+    assert sum(lengths["scaffold"]) > 1.7 * sum(lengths["short"])
+    assert len({e.response.split(" The digits")[0] for e in scaffold if e.kind == "detail"}) > 1  # phrasing varies

@@ -1,17 +1,30 @@
-"""``python -m vaopd.toy.compare --out runs/toy``: the whole OPD vs VA-OPD comparison on the toy task.
+"""``python -m vaopd.toy.compare --regime original|paper --out runs/toy``: the whole OPD vs VA-OPD comparison on the toy task.
 
-1. Write the task's splits (``OUT/data``).
+Two regimes (``REGIMES``), each a set of ``Settings`` and a trainer config:
+
+- ``original`` (``configs/toy.yaml``): short answers (~22 tokens), a student SFT'd briefly that reads
+  the digits at chance, rollouts at temperature 1, lr 2e-3, 3 seeds.
+- ``paper``, the regime the method is claimed for (``configs/toy_paper.yaml``): answers with a
+  reasoning scaffold of ~43 tokens around the two digit readings (so the visually grounded tokens
+  are sparse), a student SFT'd until it reads most digits but relies on the image less than the
+  teacher, rollouts at temperature 0.7 / top-p 0.95, a learning rate two orders of magnitude lower
+  (chosen by an OPD-only sweep, then used unchanged for VA-OPD), 5 seeds.
+
+1. Write the task's splits (``OUT/data``) with the regime's answer template.
 2. SFT the teacher until it reads the digits, and the student briefly (``OUT/teacher``,
    ``OUT/student``; both are reused when already there, so a rerun only redoes the comparison).
 3. Measure the starting point on the test split: teacher and student accuracy per question kind,
-   and the visual profile of the student's rollouts (the teacher's VA concentration, the
-   student's own visual reliance; see ``vaopd.toy.analysis``).
-4. For every seed, distil the student with OPD and with VA-OPD under ``configs/toy.yaml``: the
+   the visual profile of the student's rollouts (the teacher's VA concentration, the student's own
+   visual reliance; see ``vaopd.toy.analysis``), and the teacher-forced measurements at the digit
+   readings (reading accuracy, VA of teacher and student, KL at correct and at wrong readings;
+   ``vaopd.toy.readings``).
+4. For every seed, distil the student with OPD and with VA-OPD under the regime's config: the
    same student checkpoint, data order, steps and settings, only ``loss.method`` differs
    (``OUT/runs/<method>_s<seed>``, with ``rollouts.jsonl`` for the inspect page). Then measure each
    final student the same way. Jobs run in ``--workers`` processes with one thread each: these
    models are too small for threads to help, and the machine has two cores.
-5. Write ``OUT/results.json``, ``OUT/results.md`` (the table) and ``OUT/inspect/`` (HTML page and
+5. Write ``OUT/results.json``, ``OUT/results.md`` (the tables, with the VA-OPD minus OPD
+   difference paired by seed: mean and a 95 % t-interval) and ``OUT/inspect/`` (HTML page and
    curves, as ``python -m vaopd.inspect OUT/runs`` would).
 
 ``--quick`` shrinks everything for a smoke test.
@@ -30,13 +43,16 @@ import multiprocessing
 
 import torch
 
-__all__ = ["Settings", "QUICK", "run", "main"]
+__all__ = ["Settings", "REGIMES", "QUICK", "settings_for", "paired_differences", "t_quantile", "run", "main"]
 
-CONFIG = Path(__file__).resolve().parents[2] / "configs" / "toy.yaml"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 @dataclass
 class Settings:
+    regime: str = "original"
+    config: str = "toy.yaml"  # the trainer config, in configs/
+    template: str = "short"  # answer template (vaopd.toy.task.TEMPLATES)
     data_seed: int = 0
     train_size: int = 2000
     val_size: int = 64
@@ -51,19 +67,39 @@ class Settings:
     student_init_range: float = 0.2
     sft_batch: int = 32
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    methods: list[str] = field(default_factory=lambda: ["opd", "va_opd"])
     distill_steps: int = 300
     # Test-time sampling for accuracy and for the visual profiles.
     eval_samples: int = 2
     eval_temperature: float = 1.0
     profile_samples: int = 2
+    # Draws per digit-reading position (vaopd.toy.readings), at the config's rollout temperature and top-p.
+    reading_samples: int = 8
     max_new_tokens: int = 32
     workers: int = 2
     extra: list[str] = field(default_factory=list)  # --set overrides for the distillation runs
 
 
+REGIMES: dict[str, dict] = {
+    "original": {},
+    # SFT lengths: the teacher needs ~300 steps to start reading and 900 to read all digits; the
+    # student (init 0.2) leaves the no-information plateau after ~250 steps and reads most digits
+    # by 600 while still relying on the image less than the teacher (measured in docs/toy-results.md).
+    "paper": dict(regime="paper", config="toy_paper.yaml", template="scaffold", student_steps=600,
+                  seeds=[0, 1, 2, 3, 4], distill_steps=150, max_new_tokens=64),
+}
+
 QUICK = dict(train_size=64, val_size=8, test_size=16, teacher_steps=4, student_steps=2, sft_batch=8, seeds=[0],
              distill_steps=2, eval_samples=1, profile_samples=1, max_new_tokens=24, workers=1,
-             extra=["train.prompts_per_step=2", "rollout.samples_per_prompt=2", "eval.every=1", "log.rollouts_every=1"])
+             reading_samples=2, extra=["train.prompts_per_step=2", "rollout.samples_per_prompt=2", "eval.every=1",
+                                       "log.rollouts_every=1"])
+
+
+def settings_for(regime: str, quick: bool = False) -> Settings:
+    """The regime's settings, shrunk to the smoke-test sizes when ``quick``."""
+    if regime not in REGIMES:
+        raise ValueError(f"regime must be one of {sorted(REGIMES)}, got {regime!r}")
+    return Settings(**{**REGIMES[regime], **(QUICK if quick else {})})
 
 
 def _log(msg: str) -> None:
@@ -78,10 +114,11 @@ def _measure(model_dir: Path, teacher_dir: Path, data: Path, st: Settings, seed:
     """Accuracy per kind and the visual profile of ``model_dir`` on the test split."""
     from vaopd.config import load_config
     from vaopd.toy.analysis import accuracy_by_kind, visual_profile
+    from vaopd.toy.readings import reading_probe
     from vaopd.toy.sft import load_split
     from vaopd.models import load_pretrained
 
-    cfg = load_config(CONFIG)
+    cfg = load_config(CONFIGS / st.config)
     cpu = torch.device("cpu")
     model, tokenizer, image_processor = load_pretrained(cfg, str(model_dir), cpu, trainable=False)
     teacher, _, _ = load_pretrained(cfg, str(teacher_dir), cpu, trainable=False)
@@ -95,6 +132,9 @@ def _measure(model_dir: Path, teacher_dir: Path, data: Path, st: Settings, seed:
         "profile": visual_profile(model, teacher, tokenizer, image_processor, records, kinds, samples=st.profile_samples,
                                   temperature=st.eval_temperature, max_new_tokens=st.max_new_tokens, seed=seed,
                                   high_fraction=cfg.loss.high_fraction, pixelate_factor=cfg.loss.pixelate_factor),
+        "readings": reading_probe(model, teacher, tokenizer, image_processor, records, rows, samples=st.reading_samples,
+                                  temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, seed=seed,
+                                  pixelate_factor=cfg.loss.pixelate_factor),
     }
 
 
@@ -110,7 +150,7 @@ def _distill(out: Path, st: Settings, method: str, seed: int) -> dict:
     hf_logging.set_verbosity_error()
     run_dir = out / "runs" / f"{method}_s{seed}"
     data = out / "data"
-    cfg = load_config(CONFIG, [
+    cfg = load_config(CONFIGS / st.config, [
         f"model.student={out / 'student'}", f"model.teacher={out / 'teacher'}",
         f"data.train={data / 'train.jsonl'}", f"data.val={data / 'val.jsonl'}",
         f"train.run_dir={run_dir}", f"train.seed={seed}", f"loss.method={method}",
@@ -128,7 +168,7 @@ def _sft(out: Path, st: Settings) -> dict:
     from vaopd.config import load_config
     from vaopd.toy.sft import sft_model
 
-    cfg = load_config(CONFIG)
+    cfg = load_config(CONFIGS / st.config)
     times = {}
     for preset, steps, lr, init in (("teacher", st.teacher_steps, st.teacher_lr, None),
                                     ("student", st.student_steps, st.student_lr, st.student_init_range)):
@@ -145,54 +185,122 @@ def _sft(out: Path, st: Settings) -> dict:
     return times
 
 
+def _flat(d: dict, prefix: str = "") -> dict[str, float]:
+    """Nested measurements as ``{"a.b.c": value}``, numbers only."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[f"{prefix}{k}"] = float(v)
+    return out
+
+
+def _measurements(run: dict) -> dict[str, float]:
+    return _flat({k: run[k] for k in ("accuracy", "profile", "readings")})
+
+
+def t_quantile(p: float, df: int) -> float:
+    """The ``p`` quantile (p > 0.5) of Student's t with ``df`` degrees of freedom.
+
+    Bisection on the CDF, ``0.5 + integral_0^x pdf``, with the density integrated by Simpson's rule
+    (no SciPy here); accurate to ~1e-6 for the 95 % intervals used below (t(0.975, 4) = 2.7764).
+    """
+    log_c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+
+    def cdf(x: float, n: int = 2000) -> float:
+        h = x / n
+        f = [math.exp(log_c - (df + 1) / 2 * math.log1p((i * h) ** 2 / df)) for i in range(n + 1)]
+        return 0.5 + h / 3 * (f[0] + f[-1] + 4 * sum(f[1:-1:2]) + 2 * sum(f[2:-1:2]))
+
+    low, high = 0.0, 1.0
+    while cdf(high) < p:
+        high *= 2
+    for _ in range(50):
+        mid = (low + high) / 2
+        low, high = (mid, high) if cdf(mid) < p else (low, mid)
+    return (low + high) / 2
+
+
+def paired_differences(runs: list[dict], level: float = 0.95) -> dict[str, dict]:
+    """VA-OPD minus OPD for every measurement, paired by seed: mean and a ``level`` t-interval.
+
+    Only seeds with both methods count. With ``n`` pairs and differences ``d``, the interval is
+    ``mean(d) +- t((1 + level) / 2, n - 1) * sd(d) / sqrt(n)`` (NaN bounds for a single pair).
+    """
+    by = {(r["method"], r["seed"]): _measurements(r) for r in runs}
+    seeds = sorted({s for m, s in by if (("opd", s) in by and ("va_opd", s) in by)})
+    out = {}
+    if not seeds:
+        return out
+    for key in by[("opd", seeds[0])]:
+        d = [by[("va_opd", s)].get(key, math.nan) - by[("opd", s)][key] for s in seeds]
+        d = [x for x in d if not math.isnan(x)]
+        if not d:
+            continue
+        mean = statistics.fmean(d)
+        half = (t_quantile((1 + level) / 2, len(d) - 1) * statistics.stdev(d) / math.sqrt(len(d))
+                if len(d) > 1 else math.nan)
+        out[key] = {"mean": mean, "low": mean - half, "high": mean + half, "n": len(d)}
+    return out
+
+
 def _summary(rows: list[dict]) -> dict:
     """Mean and sample std over seeds of every number of the per-run measurements."""
-    def flat(d: dict, prefix: str = "") -> dict:
-        out = {}
-        for k, v in d.items():
-            if isinstance(v, dict):
-                out.update(flat(v, f"{prefix}{k}."))
-            elif isinstance(v, (int, float)) and not isinstance(v, bool):
-                out[f"{prefix}{k}"] = float(v)
-        return out
-
-    flats = [flat({"accuracy": r["accuracy"], "profile": r["profile"]}) for r in rows]
+    flats = [_measurements(r) for r in rows]
     out = {}
     for key in flats[0]:
-        values = [f[key] for f in flats if not math.isnan(f[key])]
+        values = [f[key] for f in flats if key in f and not math.isnan(f[key])]
         out[key] = {"mean": statistics.fmean(values) if values else math.nan,
                     "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
     return out
 
 
+READING_COLUMNS = [
+    ("accuracy.detail", "acc. digits"), ("accuracy.coarse", "acc. squares"),
+    ("readings.all.reading_accuracy", "digits read right"), ("readings.all.student_va", "student VA on digits"),
+    ("readings.all.teacher_va", "teacher VA on digits"), ("readings.all.kl", "KL at digits"),
+    ("readings.all.kl_correct", "KL at right readings"), ("readings.all.kl_wrong", "KL at wrong readings"),
+    ("readings.first.kl_correct", "KL at right first readings"), ("readings.first.kl_wrong", "KL at wrong first readings"),
+]
+PROFILE_COLUMNS = [
+    ("profile.detail.student_reliance_per_token", "student reliance / token (detail)"),
+    ("profile.detail.student_reliance_high_tokens", "student reliance on teacher-high tokens (detail)"),
+    ("profile.coarse.student_reliance_per_token", "student reliance / token (coarse)"),
+    ("profile.detail.teacher_high_share", "teacher VA share of top 20 % (detail)"),
+    ("profile.detail.teacher_frac_tokens_80pct", "tokens holding 80 % of VA (detail)"),
+    ("profile.coarse.teacher_high_share", "teacher VA share of top 20 % (coarse)"),
+]
+
+
 def _table(results: dict) -> str:
-    """The markdown table of results.md."""
+    """The markdown tables of results.md."""
     def cell(stats: dict, key: str) -> str:
         s = stats.get(key)
         if s is None or math.isnan(s["mean"]):
             return "-"
+        if "low" in s:
+            return f"{s['mean']:+.3f} [{s['low']:+.3f}, {s['high']:+.3f}]" if s["n"] > 1 else f"{s['mean']:+.3f}"
         return f"{s['mean']:.3f} ± {s['std']:.3f}" if s["n"] > 1 else f"{s['mean']:.3f}"
 
-    columns = [
-        ("accuracy.detail", "acc. detail"), ("accuracy.coarse", "acc. coarse"),
-        ("profile.detail.student_reliance_per_token", "student reliance / token (detail)"),
-        ("profile.detail.student_reliance_high_tokens", "student reliance on teacher-high tokens (detail)"),
-        ("profile.coarse.student_reliance_per_token", "student reliance / token (coarse)"),
-        ("profile.detail.teacher_high_share", "teacher VA share of top 20 % (detail)"),
-        ("profile.detail.teacher_frac_tokens_80pct", "tokens holding 80 % of VA (detail)"),
-        ("profile.coarse.teacher_high_share", "teacher VA share of top 20 % (coarse)"),
-    ]
-    lines = ["| model | " + " | ".join(c[1] for c in columns) + " |", "|" + "---|" * (len(columns) + 1)]
-    # The teacher's row measures it on its own rollouts: what reading the digits looks like.
+    # The teacher's row measures it on its own rollouts and against itself (KL 0): what reading the digits looks like.
     rows = [("teacher (SFT, own rollouts)", _summary([results["teacher"]])),
             ("student before (SFT)", _summary([results["student_before"]]))]
     for method in ("opd", "va_opd"):
         if method in results["summary"]:
             n = len([r for r in results["runs"] if r["method"] == method])
             rows.append((f"{method} after ({n} seeds)", results["summary"][method]))
-    for name, stats in rows:
-        lines.append(f"| {name} | " + " | ".join(cell(stats, c[0]) for c in columns) + " |")
-    lines += ["", "Teacher VA on the student's digit readings (training rollouts of all seeds, `rollouts.jsonl`):", "",
+    diff = results.get("difference", {})
+    if diff:
+        n = next(iter(diff.values()))["n"]
+        rows.append((f"va_opd - opd (paired by seed, n={n}; mean [95 % t-interval])", diff))
+    lines = [f"Regime `{results['settings']['regime']}` (mean ± sample std over seeds; the last row: the paired difference).", ""]
+    for columns in (READING_COLUMNS, PROFILE_COLUMNS):
+        lines += ["| model | " + " | ".join(c[1] for c in columns) + " |", "|" + "---|" * (len(columns) + 1)]
+        for name, stats in rows:
+            lines.append(f"| {name} | " + " | ".join(cell(stats, c[0]) for c in columns) + " |")
+        lines.append("")
+    lines += ["Teacher VA on the student's digit readings (training rollouts of all seeds, `rollouts.jsonl`):", "",
               "| run | reading | tokens | mean teacher VA | share in high group |", "|---|---|---|---|---|"]
     for method, groups in results.get("digit_readings", {}).items():
         for key, g in groups.items():
@@ -215,10 +323,10 @@ def run(out: str | Path, st: Settings) -> dict:
     data = out / "data"
     sizes = {"train": st.train_size, "val": st.val_size, "test": st.test_size}
     stamp = data / "sizes.json"
-    wanted = json.dumps({"seed": st.data_seed, **sizes})
+    wanted = json.dumps({"seed": st.data_seed, "template": st.template, **sizes})
     if not stamp.is_file() or stamp.read_text() != wanted:
-        _log(f"writing the task's splits to {data} {sizes}")
-        write_splits(data, st.data_seed, sizes)
+        _log(f"writing the task's splits to {data} {sizes}, template {st.template}")
+        write_splits(data, st.data_seed, sizes, template=st.template)
         stamp.write_text(wanted)
     timings["sft"] = sum(_sft(out, st).values())
     _log("measuring the teacher and the starting student on the test split")
@@ -228,7 +336,7 @@ def run(out: str | Path, st: Settings) -> dict:
     timings["measure_before"] = time.perf_counter() - start
     _log(f"teacher accuracy {teacher['accuracy']}, student accuracy {before['accuracy']}")
 
-    jobs = [(m, s) for s in st.seeds for m in ("opd", "va_opd")]
+    jobs = [(m, s) for s in st.seeds for m in st.methods]
     _log(f"{len(jobs)} distillation runs of {st.distill_steps} steps in {st.workers} worker(s)")
     start = time.perf_counter()
     runs = []
@@ -246,7 +354,8 @@ def run(out: str | Path, st: Settings) -> dict:
     timings["distill"] = time.perf_counter() - start
     results = {
         "settings": asdict(st), "teacher": teacher, "student_before": before, "runs": runs,
-        "summary": {m: _summary([r for r in runs if r["method"] == m]) for m in ("opd", "va_opd")},
+        "summary": {m: _summary([r for r in runs if r["method"] == m]) for m in st.methods},
+        "difference": paired_differences(runs),
     }
     run_dirs = find_runs(out / "runs")
     train_rows = {r["id"]: r for r in read_jsonl(data / "train.jsonl")}
@@ -264,21 +373,27 @@ def run(out: str | Path, st: Settings) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vaopd.toy.compare", description="OPD vs VA-OPD on the toy task.")
+    parser.add_argument("--regime", choices=sorted(REGIMES), default="original",
+                        help="original: short answers, chance-level student, lr 2e-3; paper: the paper's regime (module doc)")
     parser.add_argument("--out", default="runs/toy")
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
     parser.add_argument("--steps", type=int, default=None, help="distillation steps per run")
     parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--methods", nargs="+", choices=["opd", "va_opd"], default=None,
+                        help="distil with these only (the learning-rate sweep runs OPD alone)")
     parser.add_argument("--student-steps", type=int, default=None, help="SFT steps of the student (how well it starts)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test of the pipeline")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="trainer override for the distillation runs")
     args = parser.parse_args(argv)
-    st = Settings(**QUICK) if args.quick else Settings()
+    st = settings_for(args.regime, args.quick)
     if args.seeds is not None:
         st.seeds = args.seeds
     if args.steps is not None:
         st.distill_steps = args.steps
     if args.workers is not None:
         st.workers = args.workers
+    if args.methods is not None:
+        st.methods = args.methods
     if args.student_steps is not None:
         st.student_steps = args.student_steps
     st.extra = st.extra + list(args.set)

@@ -26,7 +26,7 @@ from vaopd.rollout import encode_prompts
 from vaopd.tiny import build_image_processor, build_model, build_tokenizer
 from vaopd.scoring import scoring_inputs
 
-__all__ = ["load_split", "sft_loss", "train_sft", "reinitialise", "save_model", "sft_model", "main"]
+__all__ = ["load_split", "response_tokens", "sft_loss", "train_sft", "reinitialise", "save_model", "sft_model", "main"]
 
 
 def load_split(path: str | Path) -> tuple[list[Record], dict[str, dict]]:
@@ -36,7 +36,7 @@ def load_split(path: str | Path) -> tuple[list[Record], dict[str, dict]]:
     return load_records(path, id_key="id").records, rows
 
 
-def _response_tokens(tokenizer, responses: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+def response_tokens(tokenizer, responses: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded ``[B, T]`` response ids ending in the EOS, and their valid mask."""
     ids = [tokenizer(r, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for r in responses]
     width = max(len(i) for i in ids)
@@ -56,7 +56,7 @@ def sft_loss(model, tokenizer, image_processor, records: list[Record], responses
     vocabulary (the LM head's padding rows are never targets), and no logits are kept.
     """
     prompts = encode_prompts([r.question + instruction for r in records], [r.image for r in records], tokenizer, image_processor)
-    tokens, mask = _response_tokens(tokenizer, responses)
+    tokens, mask = response_tokens(tokenizer, responses)
     hidden = model.model(**scoring_inputs(prompts, tokens, mask)).last_hidden_state[:, prompts.input_ids.shape[1] - 1:]
     weight = model.lm_head.weight
     return -fused_linear_logprobs(hidden[mask].to(weight.dtype), weight, tokens[mask], len(tokenizer))[0].mean()

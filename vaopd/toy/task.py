@@ -11,14 +11,20 @@ Every image is 64 x 64 (one Qwen-VL grid of 4 x 4 patches of 16 px). Two kinds o
   yellow. "How many squares are there?" or "How many <colour> squares are there?" Pixelation
   keeps a block of solid colour inside every square, so these survive it.
 
-Each answer is a short worked response: a few vision-critical tokens (the digits read, the count
-seen) inside fixed language scaffolding, ending in ``\\boxed{N}`` so ``vaopd.eval.grade`` scores it.
+Each answer is a worked response: a few vision-critical tokens (the digits read, the count seen)
+inside language scaffolding, ending in ``\\boxed{N}`` so ``vaopd.eval.grade`` scores it. Two
+templates (``TEMPLATES``): ``short``, one sentence around the readings (~20-27 tokens), and
+``scaffold``, a reasoning scaffold of a few sentences (~35-50 tokens, phrasing drawn from a few
+variants) around the same readings, so the visually grounded tokens are a small part of the response
+(the paper's regime). Both keep the reading sentence "The digits are A and B." verbatim, and the
+phrasing is drawn from its own random stream, so the images, questions and answers of a split are
+the same under either template.
 
 Splits are JSONL files in the layout ``vaopd.data.load_records`` reads with its default keys
 (``problem``, ``answer``, ``images`` as a path relative to the file), plus ``id``, ``kind`` and
 ``response`` (the SFT target). Everything is a pure function of the seed.
 
-``python -m vaopd.toy.task --out DIR [--seed S] [--train N --val N --test N] [--sheet PNG]`` writes the splits
+``python -m vaopd.toy.task --out DIR [--seed S] [--train N --val N --test N] [--template T] [--sheet PNG]`` writes the splits
 (and a picture of a few examples above their pixelated copies).
 """
 from __future__ import annotations
@@ -31,7 +37,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-__all__ = ["SIZE", "COLORS", "Example", "render_digits", "render_squares", "make_example", "generate", "write_splits",
+__all__ = ["SIZE", "COLORS", "TEMPLATES", "Example", "render_digits", "render_squares", "make_example", "generate", "write_splits",
            "example_sheet"]
 
 SIZE = 64
@@ -119,17 +125,32 @@ class Example:
     answer: str
 
 
-def _detail(rng: random.Random) -> Example:
+TEMPLATES = ("short", "scaffold")
+# Scaffold phrasings, mostly words the tiny tokenizer has whole tokens for (vaopd.tiny's corpus);
+# the rest spell out in a few byte tokens each. No phrase before the reading contains " are", so
+# the first " are" of a detail response is the one before the digits (vaopd.toy.digits relies on it).
+_DETAIL_OPENINGS = ("I count the shapes one by one in the image.", "I see two shapes in the image.",
+                    "Think step by step and look at the image.")
+_DETAIL_CLOSINGS = (" Think step by step: {big} is larger than {small}, so the answer is \\boxed{{{big}}}.",
+                    " So the answer is the larger one, \\boxed{{{big}}}.")
+_COARSE_OPENINGS = ("I count the squares one by one in the image.", "I see the image and count the squares.")
+_COARSE_CLOSINGS = (" So the answer is \\boxed{{{n}}}.", " Think step by step: the answer is the number, \\boxed{{{n}}}.")
+
+
+def _detail(rng: random.Random, phrasing: random.Random | None) -> Example:
     a, b = rng.sample(range(10), 2)
-    return Example(
-        kind="detail", image=render_digits((a, b), rng),
-        question="The image shows two digits. Which digit is larger?",
-        response=f"The digits are {a} and {b}. The larger is \\boxed{{{max(a, b)}}}.",
-        answer=str(max(a, b)),
-    )
+    reading = f"The digits are {a} and {b}."
+    if phrasing is None:
+        response = f"{reading} The larger is \\boxed{{{max(a, b)}}}."
+    else:
+        closing = phrasing.choice(_DETAIL_CLOSINGS).format(big=max(a, b), small=min(a, b))
+        response = f"{phrasing.choice(_DETAIL_OPENINGS)} {reading}{closing}"
+    return Example(kind="detail", image=render_digits((a, b), rng),
+                   question="The image shows two digits. Which digit is larger?", response=response,
+                   answer=str(max(a, b)))
 
 
-def _coarse(rng: random.Random) -> Example:
+def _coarse(rng: random.Random, phrasing: random.Random | None) -> Example:
     count = rng.randint(1, 4)
     quadrants = rng.sample(range(4), count)
     colors: list[str | None] = [None] * 4
@@ -137,27 +158,38 @@ def _coarse(rng: random.Random) -> Example:
         colors[q] = rng.choice(sorted(COLORS))
     image = render_squares(colors, rng)
     if rng.random() < 0.5:
-        return Example("coarse", image, "How many squares are there?",
-                       f"I see {count} squares. The answer is \\boxed{{{count}}}.", str(count))
-    color = rng.choice(sorted(COLORS))
-    n = colors.count(color)
-    return Example("coarse", image, f"How many {color} squares are there?",
-                   f"I see {count} squares and {n} are {color}. The answer is \\boxed{{{n}}}.", str(n))
+        question, seen, n = "How many squares are there?", f"I see {count} squares.", count
+    else:
+        color = rng.choice(sorted(COLORS))
+        n = colors.count(color)
+        question, seen = f"How many {color} squares are there?", f"I see {count} squares and {n} are {color}."
+    if phrasing is None:
+        response = f"{seen} The answer is \\boxed{{{n}}}."
+    else:
+        response = f"{phrasing.choice(_COARSE_OPENINGS)} {seen}{phrasing.choice(_COARSE_CLOSINGS).format(n=n)}"
+    return Example("coarse", image, question, response, str(n))
 
 
-def make_example(rng: random.Random, detail_fraction: float = 0.5) -> Example:
-    """One example; a ``detail`` question with probability ``detail_fraction``."""
-    return _detail(rng) if rng.random() < detail_fraction else _coarse(rng)
+def make_example(rng: random.Random, detail_fraction: float = 0.5, phrasing: random.Random | None = None) -> Example:
+    """One example; a ``detail`` question with probability ``detail_fraction``.
+
+    ``phrasing``: None for the ``short`` template, else the random stream that picks the
+    ``scaffold`` template's phrasing (separate from ``rng``, so the content does not depend on it).
+    """
+    return _detail(rng, phrasing) if rng.random() < detail_fraction else _coarse(rng, phrasing)
 
 
-def generate(n: int, seed: int, split: str, detail_fraction: float = 0.5) -> list[Example]:
+def generate(n: int, seed: int, split: str, detail_fraction: float = 0.5, template: str = "short") -> list[Example]:
     """``n`` examples of ``split``; a pure function of its arguments (string-seeded RNG)."""
+    if template not in TEMPLATES:
+        raise ValueError(f"template must be one of {TEMPLATES}, got {template!r}")
     rng = random.Random(f"vaopd-toy/{seed}/{split}")
-    return [make_example(rng, detail_fraction) for _ in range(n)]
+    phrasing = random.Random(f"vaopd-toy/{seed}/{split}/phrasing") if template == "scaffold" else None
+    return [make_example(rng, detail_fraction, phrasing) for _ in range(n)]
 
 
 def write_splits(out: str | Path, seed: int = 0, sizes: dict[str, int] | None = None,
-                 detail_fraction: float = 0.5) -> dict[str, Path]:
+                 detail_fraction: float = 0.5, template: str = "short") -> dict[str, Path]:
     """Write ``<out>/<split>.jsonl`` and ``<out>/images/<split>/*.png``; returns split -> file."""
     out = Path(out)
     sizes = sizes or {"train": 2000, "val": 64, "test": 200}
@@ -165,7 +197,7 @@ def write_splits(out: str | Path, seed: int = 0, sizes: dict[str, int] | None = 
     for split, n in sizes.items():
         (out / "images" / split).mkdir(parents=True, exist_ok=True)
         lines = []
-        for i, ex in enumerate(generate(n, seed, split, detail_fraction)):
+        for i, ex in enumerate(generate(n, seed, split, detail_fraction, template)):
             rid = f"{split}-{i:05d}"
             rel = f"images/{split}/{rid}.png"
             ex.image.save(out / rel, format="PNG")
@@ -197,11 +229,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train", type=int, default=2000)
     parser.add_argument("--val", type=int, default=64)
     parser.add_argument("--test", type=int, default=200)
+    parser.add_argument("--template", choices=TEMPLATES, default="short", help="answer template (see the module doc)")
     parser.add_argument("--sheet", default=None, metavar="PNG", help="also save clean/pixelated examples side by side")
     args = parser.parse_args(argv)
     if args.sheet:
         example_sheet(seed=args.seed).save(args.sheet)
-    files = write_splits(args.out, args.seed, {"train": args.train, "val": args.val, "test": args.test})
+    files = write_splits(args.out, args.seed, {"train": args.train, "val": args.val, "test": args.test},
+                         template=args.template)
     for split, path in files.items():
         print(f"{split}: {path}")
     return 0

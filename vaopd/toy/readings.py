@@ -1,0 +1,116 @@
+"""Teacher-forced measurements at the digit readings of the reference responses.
+
+Every detail question's reference response (its SFT target) is fed to the teacher and the student
+under teacher forcing, with the clean and with the pixelated image (the loss's ablation). At the
+two reading positions (the tokens after " are" and the next " and", ``vaopd.toy.digits``) the
+prefix is the reference response up to that token: the scaffold before the readings and, at the
+second position, the correct first reading. There, with ``pS`` and ``pT`` the next-token
+distributions (temperature 1, over the tokenizer's vocabulary) and ``d`` the digit drawn:
+
+- ``kl``: the full reverse KL ``sum_v pS(v) (log pS(v) - log pT(v))``, the loss's per-token KL at
+  that position (clean image);
+- ``student_va`` / ``teacher_va``: the VA of ``d``, ``max(log p(d | clean) - log p(d | pixelated), 0)``,
+  for each model: how much its reading of the digit rests on the detail pixelation removes;
+- ``student_p_true``: ``pS(d)`` with the clean image;
+- readings: ``samples`` draws from ``pS`` at the rollout temperature and top-p; a draw is correct
+  when it is ``d``. ``reading_accuracy`` is the fraction of correct draws.
+
+The KL at a position depends on the prefix only, not on what the student then reads, so
+``kl_correct`` / ``kl_wrong`` average each position's KL over the draws there that were correct /
+wrong (a position counts once per draw): the KL where the student reads right and where it reads
+wrong. Reported pooled over both positions (``all``) and for the first reading alone (``first``,
+whose prefix is pure scaffold).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from vaopd.ablate import ablate
+from vaopd.rollout import encode_prompts, prompt_pixels
+from vaopd.scoring import scoring_inputs
+from vaopd.toy.digits import reading_positions
+from vaopd.toy.sft import response_tokens
+
+__all__ = ["sample_top_p", "reading_probe"]
+
+
+def sample_top_p(logp: torch.Tensor, temperature: float, top_p: float, samples: int,
+                 generator: torch.Generator) -> torch.Tensor:
+    """``[N, samples]`` token ids drawn from ``softmax(logp / temperature)`` cut to its top-p nucleus.
+
+    The nucleus is the smallest set of most likely tokens whose probability reaches ``top_p`` (as
+    in Hugging Face sampling), renormalised.
+    """
+    probs = torch.softmax(logp.double() / temperature, -1)
+    sorted_probs, order = probs.sort(-1, descending=True)
+    # Keep a token when the mass before it is still below top_p (the first token always stays).
+    keep = (sorted_probs.cumsum(-1) - sorted_probs) < top_p
+    nucleus = torch.zeros_like(probs).scatter(-1, order, sorted_probs * keep)
+    return torch.multinomial(nucleus, samples, replacement=True, generator=generator)
+
+
+def _reading_logps(model, prompts, tokens, mask, rows, positions, vocab: int) -> torch.Tensor:
+    """``[N, vocab]`` float64 next-token log-probs at ``(rows[i], positions[i])`` of the responses."""
+    lp = prompts.input_ids.shape[1]
+    hidden = model.model(**scoring_inputs(prompts, tokens, mask)).last_hidden_state[:, lp - 1:]
+    weight = model.get_output_embeddings().weight[:vocab]
+    logits = hidden[rows, positions].to(weight.dtype) @ weight.T
+    return torch.log_softmax(logits.double(), -1)
+
+
+def _group_stats(kl, s_va, t_va, p_true, correct) -> dict[str, float]:
+    """Means over positions, and the KL split by the draws' correctness (``correct``: ``[N, samples]``)."""
+    draws_kl = kl[:, None].expand_as(correct)
+
+    def mean(x: torch.Tensor) -> float:
+        return float(x.mean()) if x.numel() else math.nan
+
+    return {
+        "positions": int(kl.numel()), "reading_accuracy": mean(correct.double()), "student_p_true": mean(p_true),
+        "student_va": mean(s_va), "teacher_va": mean(t_va), "kl": mean(kl),
+        "kl_correct": mean(draws_kl[correct]), "kl_wrong": mean(draws_kl[~correct]),
+        "draws_correct": int(correct.sum()), "draws_wrong": int((~correct).sum()),
+    }
+
+
+@torch.no_grad()
+def reading_probe(student, teacher, tokenizer, image_processor, records, rows: dict[str, dict], *, samples: int,
+                  temperature: float, top_p: float, seed: int, pixelate_factor: float = 0.1, instruction: str = "",
+                  batch_prompts: int = 32) -> dict[str, dict[str, float]]:
+    """The measurements of the module doc over the detail ``records`` (``rows``: id -> split row with kind, response)."""
+    student.eval()
+    teacher.eval()
+    detail = [r for r in records if rows[r.id]["kind"] == "detail"]
+    vocab = len(tokenizer)
+    generator = torch.Generator().manual_seed(seed)
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("kl", "s_va", "t_va", "p_true", "correct", "first")}
+    for start in range(0, len(detail), batch_prompts):
+        chunk = detail[start:start + batch_prompts]
+        prompts = encode_prompts([r.question + instruction for r in chunk], [r.image for r in chunk], tokenizer,
+                                 image_processor)
+        ablated = prompts.with_pixels(prompt_pixels(
+            [ablate(r.image, "pixelate", pixelate_factor=pixelate_factor) for r in chunk], image_processor,
+            prompts.image_grid_thw))
+        tokens, mask = response_tokens(tokenizer, [rows[r.id]["response"] for r in chunk])
+        where = [(row, k, pos) for row in range(len(chunk))
+                 for k, pos in enumerate(reading_positions([tokenizer.decode([int(t)]) for t in tokens[row][mask[row]]]))]
+        if not where:
+            continue
+        rows_idx = torch.tensor([w[0] for w in where])
+        pos_idx = torch.tensor([w[2] for w in where])
+        truth = tokens[rows_idx, pos_idx][:, None]
+        s_clean, s_abl, t_clean, t_abl = (_reading_logps(model, batch, tokens, mask, rows_idx, pos_idx, vocab)
+                                          for model in (student, teacher) for batch in (prompts, ablated))
+        parts["kl"].append((s_clean.exp() * (s_clean - t_clean)).sum(-1))
+        parts["s_va"].append((s_clean.gather(1, truth) - s_abl.gather(1, truth)).clamp_min(0)[:, 0])
+        parts["t_va"].append((t_clean.gather(1, truth) - t_abl.gather(1, truth)).clamp_min(0)[:, 0])
+        parts["p_true"].append(s_clean.gather(1, truth)[:, 0].exp())
+        parts["correct"].append(sample_top_p(s_clean, temperature, top_p, samples, generator) == truth)
+        parts["first"].append(torch.tensor([w[1] == 0 for w in where]))
+    if not parts["kl"]:
+        return {}
+    cat = {k: torch.cat(v) for k, v in parts.items()}
+    first = cat.pop("first")
+    return {"all": _group_stats(**cat), "first": _group_stats(**{k: v[first] for k, v in cat.items()})}
