@@ -6,22 +6,29 @@ import torch
 
 import lossbench
 from lossbench import RECORDS
+from vaopd.kernels import va_opd_loss_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @functools.lru_cache(maxsize=4)
-def reference_loss(shape: lossbench.Shape) -> float:
-    return lossbench.build("reference", lossbench.make_inputs(shape, DEVICE), DEVICE)().item()
+def reference_loss(shape: lossbench.Shape, method: str) -> float:
+    inputs = dict(lossbench.make_inputs(shape, DEVICE))
+    if method == "opd":
+        inputs["teacher_ablated_hidden"] = None
+    return va_opd_loss_reference(**inputs, method=method)[0].item()
 
 
 def test_loss(benchmark, loss_case, grid):
     impl, shape = loss_case
     if impl == "vaopd-triton" and DEVICE != "cuda" and shape.tokens * shape.vocab > 2**17:
         pytest.skip("the Triton backend only runs in the interpreter on a CPU: timing it means nothing")
+    if impl.startswith("liger"):
+        pytest.importorskip("liger_kernel", reason="liger-kernel is not installed (carry its wheel in .whl/)")
     inputs = lossbench.make_inputs(shape, DEVICE)
     run = lossbench.build(impl, inputs, DEVICE)
-    record = dict(impl=impl, shape=shape.as_dict(), shape_id=shape.id(), flops=lossbench.product_flops(shape, *lossbench.PRODUCTS[impl]))
+    products = lossbench.PRODUCTS[impl]
+    record = dict(impl=impl, shape=shape.as_dict(), shape_id=shape.id(), products=list(products), flops=lossbench.product_flops(shape, *products))
     try:
         loss = benchmark.pedantic(run, rounds=grid["rounds"], warmup_rounds=0 if benchmark.disabled else 1, iterations=1)
         record["peak_extra"] = None if benchmark.disabled else lossbench.peak_extra_bytes(run, inputs, DEVICE)
@@ -35,5 +42,5 @@ def test_loss(benchmark, loss_case, grid):
     if impl.startswith("vaopd") and DEVICE == "cpu":
         record["loss"] = loss.item()
         tol = 1e-4 if shape.dtype == "fp32" else 3e-2
-        assert loss.item() == pytest.approx(reference_loss(shape), rel=tol)
+        assert loss.item() == pytest.approx(reference_loss(shape, "opd" if "-opd-" in impl else "va_opd"), rel=tol)
     RECORDS.append(record)

@@ -3,14 +3,19 @@
 Every implementation is a callable doing one forward and backward of a distillation loss from
 hidden states and LM-head weights (student gradients only), finished with a device sync.
 
-- ``vaopd-triton``, ``vaopd-torch``: ``vaopd.kernels.va_opd_loss`` on each backend.
+- ``vaopd-triton``, ``vaopd-torch``: ``vaopd.kernels.va_opd_loss`` (VA-OPD) on each backend.
 - ``vaopd-torch-compiled``: the chunked torch path with its row ops under ``torch.compile``.
+- ``vaopd-opd-triton``, ``vaopd-opd-torch``: ``va_opd_loss(method="opd")`` without an ablated
+  view: plain OPD, the same work as Liger's reverse KL.
 - ``reference``: ``va_opd_loss_reference`` (full fp32 logits).
 - ``liger``, ``liger-compiled``: Liger-Kernel's chunked ``LigerFusedLinearJSDLoss`` with
-  ``beta=1`` (reverse KL) and no hard loss. It makes one teacher pass and has no VA weighting,
-  so compare achieved TFLOP/s as well as time.
-- ``floor``: the bare bf16/fp32 matrix products an ideal VA-OPD implementation must do: student
-  logits, input gradient and weight gradient, teacher clean and ablated logits (five products).
+  ``beta=1`` (reverse KL) and no hard loss: one teacher pass, no VA weighting (OPD's work).
+- ``floor``: the bare bf16/fp32 matrix products VA-OPD must do: student logits, input gradient
+  and weight gradient, teacher clean and ablated logits (five products).
+- ``floor-opd``: the same without the ablated view (four products), OPD's and Liger's floor.
+
+``PRODUCTS`` says how many LM-head products each one performs; the report compares each
+implementation with the floor of the same products.
 """
 from __future__ import annotations
 
@@ -23,7 +28,9 @@ import torch
 from vaopd.kernels import torch_ops, va_opd_loss, va_opd_loss_reference
 from vaopd.kernels.fused import DEFAULT_CHUNK_CPU, DEFAULT_CHUNK_GPU, chunked_va_opd_loss
 
-RESPONSE_TOKENS = 1024  # tokens per response; responses come in sibling groups of 4
+# Tokens per response; responses come in sibling groups of 4 (1,024 tokens), which a chunk of the
+# default size holds on either device (GPU 2,048 rows, CPU 1,024): the one-pass VA-OPD path.
+RESPONSE_TOKENS = 256
 RECORDS: list[dict] = []  # one dict per measurement, summarised at the end of the run
 
 
@@ -52,21 +59,25 @@ def product_flops(shape: Shape, student_products: int, teacher_products: int) ->
     return 2.0 * n * v * (student_products * shape.student_hidden + teacher_products * shape.teacher_hidden)
 
 
-# (student products, teacher products) each implementation performs.
+# (student products, teacher products) each implementation performs: logits, input and weight
+# gradients; clean (and ablated) teacher logits.
 PRODUCTS = {
-    "vaopd-triton": (3, 3),  # two-phase: the clean teacher is recomputed in phase B
-    "vaopd-torch": (3, 3),
-    "vaopd-torch-compiled": (3, 3),
+    "vaopd-triton": (3, 2),  # one pass over whole sibling groups
+    "vaopd-torch": (3, 2),
+    "vaopd-torch-compiled": (3, 2),
+    "vaopd-opd-triton": (3, 1),
+    "vaopd-opd-torch": (3, 1),
     "reference": (3, 2),
     "liger": (3, 1),
     "liger-compiled": (3, 1),
     "floor": (3, 2),
+    "floor-opd": (3, 1),
 }
 
 
 @functools.lru_cache(maxsize=1)
 def make_inputs(shape: Shape, device: str, seed: int = 0) -> dict:
-    """Loss inputs: ``tokens`` valid tokens as responses of up to 1,024 in groups of 4.
+    """Loss inputs: ``tokens`` valid tokens as responses of up to ``RESPONSE_TOKENS`` in groups of 4.
 
     Drawn on the device (the Qwen-size heads are ~10^9 numbers) and cached for the next
     implementation at the same shape; each run clears the gradients it leaves.
@@ -92,8 +103,11 @@ def make_inputs(shape: Shape, device: str, seed: int = 0) -> dict:
 
 
 def _compiled_torch_ops() -> types.SimpleNamespace:
+    """The torch row ops compiled whole-chunk (compiled code fuses the temporaries away)."""
     return types.SimpleNamespace(
-        **{name: torch.compile(getattr(torch_ops, name), dynamic=True) for name in ("lse_gather", "logprob_grad_", "reverse_kl_")}
+        lse_gather=torch.compile(torch_ops.lse_gather_rows, dynamic=True),
+        logprob_grad_=torch.compile(torch_ops.logprob_grad_rows_, dynamic=True),
+        reverse_kl_=torch.compile(torch_ops.reverse_kl_rows_, dynamic=True),
     )
 
 
@@ -110,13 +124,16 @@ def build(impl: str, inputs: dict, device: str):
         sh.grad = None
         sw.grad = None
 
-    if impl in ("vaopd-triton", "vaopd-torch", "reference"):
+    if impl in ("vaopd-triton", "vaopd-torch", "vaopd-opd-triton", "vaopd-opd-torch", "reference"):
         fn = va_opd_loss_reference if impl == "reference" else va_opd_loss
-        kwargs = {} if impl == "reference" else {"backend": impl.split("-")[1]}
+        kwargs = {} if impl == "reference" else {"backend": impl.split("-")[-1]}
+        args = dict(inputs)
+        if "-opd-" in impl:
+            args.update(teacher_ablated_hidden=None, method="opd")
 
         def run():
             clear()
-            loss, _ = fn(**inputs, **kwargs)
+            loss, _ = fn(**args, **kwargs)
             loss.backward()
             _sync(device)
             return loss
@@ -158,16 +175,17 @@ def build(impl: str, inputs: dict, device: str):
 
         return run
 
-    if impl == "floor":
+    if impl in ("floor", "floor-opd"):
         h = sh.detach().reshape(-1, sh.shape[-1])
         w = sw.detach()
         th = inputs["teacher_hidden"].reshape(-1, inputs["teacher_hidden"].shape[-1])
-        tha = inputs["teacher_ablated_hidden"].reshape(-1, th.shape[-1])
+        views = [th] if impl == "floor-opd" else [th, inputs["teacher_ablated_hidden"].reshape(-1, th.shape[-1])]
         tw = inputs["teacher_weight"]
 
         def run():
             logits = h @ w.T  # student logits; reused as the logits gradient below
-            (th @ tw.T, tha @ tw.T)  # noqa: B018 - the two teacher views
+            for view in views:
+                view @ tw.T  # noqa: B018 - teacher logits
             logits @ w  # input gradient
             logits.T @ h  # weight gradient
             _sync(device)

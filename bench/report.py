@@ -1,5 +1,8 @@
 """Summary of the loss benchmarks: ratios, a markdown table, JSON, and PNG plots.
 
+The ``products`` column is the LM-head products each implementation performs, student + teacher
+(``2 N V D`` FLOPs each): VA-OPD's floor is 3+2, OPD's (and Liger's reverse KL's) 3+1.
+
 ``python bench/report.py RESULTS.json [OUT_DIR]`` re-renders the table and plots from a saved run
 (the GPU machine may lack matplotlib: plot its JSON here).
 """
@@ -10,20 +13,25 @@ import os
 import sys
 from collections import defaultdict
 
-COLUMNS = ("impl", "shape", "ms", "x floor", "x liger", "TFLOP/s", "extra MiB")
+COLUMNS = ("impl", "shape", "products", "ms", "x floor", "x liger", "TFLOP/s", "extra MiB")
 
 
 def add_ratios(records: list[dict]) -> list[dict]:
-    """Ratio of each timing to the floor and to Liger (compiled when measured) at the same shape."""
+    """Ratio of each timing to the floor of the same LM-head products (``floor``: 5, VA-OPD's;
+    ``floor-opd``: 4, OPD's and Liger's) and to Liger (compiled when measured) at the same shape."""
     by_shape = defaultdict(dict)
+    floors = defaultdict(dict)
     for r in records:
         if r.get("seconds"):
             by_shape[r["shape_id"]][r["impl"]] = r["seconds"]
+            if r["impl"].startswith("floor"):
+                floors[r["shape_id"]][tuple(r.get("products", ()))] = r["seconds"]
     for r in records:
         times = by_shape[r["shape_id"]]
         liger = times.get("liger-compiled") or times.get("liger")
         s = r.get("seconds")
-        r["x_floor"] = s / times["floor"] if s and "floor" in times else None
+        floor = floors[r["shape_id"]].get(tuple(r.get("products", ())))
+        r["x_floor"] = s / floor if s and floor else None
         r["x_liger"] = s / liger if s and liger else None
         r["tflops"] = r["flops"] / s / 1e12 if s else None
     return records
@@ -38,8 +46,9 @@ def markdown(records: list[dict], title: str) -> str:
     for r in sorted(records, key=lambda r: (r["shape"]["dtype"], r["shape"]["vocab"], r["shape"]["student_hidden"], r["shape"]["tokens"], r["impl"])):
         ms = "OOM" if r.get("oom") else _fmt(r.get("seconds") and r["seconds"] * 1e3, ".2f")
         extra = _fmt(r.get("peak_extra") and r["peak_extra"] / 2**20, ".0f") if r.get("peak_extra") is not None else "-"
+        products = "+".join(map(str, r["products"])) if r.get("products") else "-"
         lines.append(
-            f"| {r['impl']} | {r['shape_id']} | {ms} | {_fmt(r['x_floor'], '.2f')} | {_fmt(r['x_liger'], '.2f')} "
+            f"| {r['impl']} | {r['shape_id']} | {products} | {ms} | {_fmt(r['x_floor'], '.2f')} | {_fmt(r['x_liger'], '.2f')} "
             f"| {_fmt(r['tflops'], '.1f')} | {extra} |"
         )
     return "\n".join(lines) + "\n"

@@ -657,7 +657,7 @@ def chunked_va_opd_loss(
             if packs is None:
                 log.debug("va_opd_loss: two-phase path (a sibling group has more valid tokens than chunk_size=%d)", chunk)
             else:
-                log.debug("va_opd_loss: one pass, %d chunks of whole sibling groups", len(packs))
+                log.debug("va_opd_loss: one pass, whole sibling groups in %d chunk(s)", len(packs))
     responses = [b for pack in packs for b in pack] if packs is not None else [b for b, n in enumerate(lengths) if n]
     order = _row_order(mask, responses, lengths)
     n = sum(lengths)

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from vaopd.checkpoint import is_sharded_checkpoint, load_sharded_state
+from vaopd.selection import resolve_checkpoint
 
 __all__ = ["export", "main"]
 
@@ -49,7 +50,9 @@ def export(checkpoint: str | Path, out: str | Path, dtype: str = "float32") -> P
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vaopd.export", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", required=True, help="a checkpoints/step_NNNNNNNN folder (single-process or sharded)")
+    parser.add_argument("--checkpoint", required=True,
+                        help="a checkpoints/step_NNNNNNNN folder (single-process or sharded), or 'best' (with --run)")
+    parser.add_argument("--run", default=None, help="the run folder whose best checkpoint (best.json) --checkpoint best names")
     parser.add_argument("--out", required=True, help="output folder (created; must be empty if it exists)")
     parser.add_argument("--dtype", choices=sorted(_DTYPES), default="float32", help="weights' dtype (default float32)")
     args = parser.parse_args(argv)
@@ -57,11 +60,12 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.disable_progress_bar()
     try:
-        out = export(args.checkpoint, args.out, args.dtype)
+        checkpoint = resolve_checkpoint(args.checkpoint, args.run)
+        out = export(checkpoint, args.out, args.dtype)
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"exported {args.checkpoint} to {out}")
+    print(f"exported {checkpoint} to {out}")
     return 0
 
 

@@ -32,12 +32,13 @@ from vaopd.config import Config, ConfigError, load_config, to_dict, to_yaml
 from vaopd.data import DataError
 from vaopd.distributed import (any_rank, init_distributed, launched_by_torchrun, load_full_optimizer_state, reduce_sums,
                                rollout_seed, shutdown)
-from vaopd.eval import evaluate
+from vaopd.eval import evaluate, validation_questions
 from vaopd.metrics import MetricsLogger
 from vaopd.models import VocabularyError, resolve_device
 from vaopd.optim import build_optimizer, total_steps
 from vaopd.plan import build_plan
 from vaopd.runs import run_dir_of
+from vaopd.selection import BEST_FILE, is_better, read_best, write_best
 from vaopd.step import train_step
 
 __all__ = ["train", "main", "TrainResult", "TrainingAborted"]
@@ -56,6 +57,8 @@ class TrainResult:
     checkpoint: Path | None
     history: list[dict] = field(default_factory=list)
     stopped_by_signal: bool = False
+    # The best checkpoint so far (vaopd.selection): step, val_accuracy, checkpoint (relative path).
+    best: dict | None = None
 
 
 def _resume_checkpoint(run_dir: Path, resume: str | bool | None) -> Path | None:
@@ -93,6 +96,7 @@ def train(cfg: Config, *, resume: str | bool | None = None, handle_signals: bool
     if env:
         parallelize(cfg, s, env)
     steps = total_steps(cfg, len(s.train_data))
+    val_records = validation_questions(cfg, s.val_data.records) if s.val_data is not None else None
     optimizer, scheduler = build_optimizer(cfg, s.student, steps)
     step, bad = 0, 0
     if ckpt:
@@ -126,18 +130,33 @@ def train(cfg: Config, *, resume: str | bool | None = None, handle_signals: bool
     last = step + cfg.train.stop_after if cfg.train.stop_after else steps
     last = min(last, steps)
     result = TrainResult(s.student, s.teacher, step, run_dir, ckpt)
+    best = read_best(run_dir) if ckpt else None
+    result.best = best if best is not None and best["step"] <= step else None  # not one of an abandoned later branch
+    if main_rank and result.best is None:
+        (run_dir / BEST_FILE).unlink(missing_ok=True)
+    validated: dict[int, dict] = {}  # step -> validation record (main rank)
 
     def save() -> Path:
+        path = write_checkpoint(protect=(result.best["step"],) if result.best else ())
+        val = validated.get(step)
+        if val is not None and is_better(val["val_accuracy"], result.best):
+            result.best = {"step": step, "val_accuracy": val["val_accuracy"], "val_samples": val["val_samples"],
+                           "val_questions": val["val_questions"], "grader": cfg.eval.grader,
+                           "checkpoint": path.relative_to(run_dir).as_posix()}
+            write_best(run_dir, result.best)
+        return path
+
+    def write_checkpoint(protect: tuple[int, ...]) -> Path:
         state = {"step": step, "data_position": step * cfg.train.prompts_per_step, "bad_steps": bad}
         if env:
             return save_sharded_checkpoint(run_dir / "checkpoints", step, model=s.student, optimizer=optimizer,
                                            tokenizer=s.tokenizer, image_processor=s.image_processor,
                                            trainer_state={**state, "scheduler": scheduler.state_dict()},
-                                           config_yaml=config_yaml, keep=cfg.train.keep_checkpoints)
+                                           config_yaml=config_yaml, keep=cfg.train.keep_checkpoints, protect=protect)
         state.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), rng=rng_state())
         return save_checkpoint(run_dir / "checkpoints", step, model=s.student, tokenizer=s.tokenizer,
                                image_processor=s.image_processor, trainer_state=state, config_yaml=config_yaml,
-                               keep=cfg.train.keep_checkpoints)
+                               keep=cfg.train.keep_checkpoints, protect=protect)
 
     stop = {"signal": None}
     previous = {}
@@ -180,13 +199,13 @@ def train(cfg: Config, *, resume: str | bool | None = None, handle_signals: bool
                             va=f"{record['va']:.4f}" if record["va"] is not None else "-",
                             hi=f"{record['va_high_share']:.2f}" if record["va_high_share"] is not None else "-",
                             len=f"{record['response_len']:.1f}", tok_s=f"{record['tokens_per_s']:.0f}")
-            if s.val_data is not None and cfg.eval.every and step % cfg.eval.every == 0 and step < steps:
-                validate(cfg, s, logger, step, result)
+            if val_records is not None and cfg.eval.every and step % cfg.eval.every == 0 and step < steps:
+                validated[step] = validate(cfg, s, val_records, logger, step, result)
             # No checkpoint right after a skipped step: the last good one must stay the newest.
             if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and not record["skipped"]:
                 result.checkpoint = save()
-        if s.val_data is not None and step == steps and not stopped:
-            validate(cfg, s, logger, step, result)
+        if val_records is not None and step == steps and not stopped:
+            validated[step] = validate(cfg, s, val_records, logger, step, result)
         if step > first_step:
             result.checkpoint = save()
     finally:
@@ -199,31 +218,36 @@ def train(cfg: Config, *, resume: str | bool | None = None, handle_signals: bool
     return result
 
 
-def validate(cfg: Config, s: Setup, logger: MetricsLogger, step: int, result: TrainResult) -> None:
-    """Sample and grade the validation answers. Under torchrun each rank grades every N-th
-    question on the refreshed unsharded replica (seeded by its rank) and the counts are summed."""
-    records = s.val_data.records[:cfg.eval.max_questions or None]
+def validate(cfg: Config, s: Setup, records: list, logger: MetricsLogger, step: int, result: TrainResult) -> dict | None:
+    """Sample and grade the validation answers of ``records``; returns the logged record on the
+    main rank (None on the others). Under torchrun each rank grades every N-th question on the
+    refreshed unsharded replica (seeded by its rank) and the counts are summed."""
     model, seed, par = s.student, cfg.train.seed, s.parallel
     if par is not None:
         par.sync_replica()
         model, seed = par.replica, cfg.train.seed + par.env.rank
         records = records[par.env.rank::par.env.world_size]
-    out = {"accuracy": 0.0, "samples": 0}
+    out = {"accuracy": 0.0, "samples": 0, "questions": 0}
     if records:
         out = evaluate(model, s.tokenizer, s.image_processor, records, eos_ids=s.eos_ids, banned_ids=s.banned_ids,
                        samples=cfg.eval.samples, temperature=cfg.eval.temperature, top_p=cfg.eval.top_p,
                        max_new_tokens=cfg.eval.max_new_tokens, batch_prompts=cfg.eval.batch_prompts,
-                       instruction=cfg.data.instruction, seed=seed)
+                       instruction=cfg.data.instruction, seed=seed, grader=cfg.eval.grader)
     s.student.train()
     if par is not None:
-        totals = reduce_sums({"correct": out["accuracy"] * out["samples"], "samples": float(out["samples"])}, s.device)
-        out = {"accuracy": totals["correct"] / max(totals["samples"], 1.0), "samples": int(totals["samples"])}
+        totals = reduce_sums({"correct": out["accuracy"] * out["samples"], "samples": float(out["samples"]),
+                              "questions": float(out["questions"])}, s.device)
+        out = {"accuracy": totals["correct"] / max(totals["samples"], 1.0), "samples": int(totals["samples"]),
+               "questions": int(totals["questions"])}
         if not par.env.is_main:
-            return
-    record = {"step": step, "val_accuracy": out["accuracy"], "val_samples": out["samples"]}
+            return None
+    # Every question has eval.samples samples, so this accuracy is also avg@k (k = eval.samples).
+    record = {"step": step, "val_accuracy": out["accuracy"], "val_samples": out["samples"], "val_questions": out["questions"]}
     logger.log(record)
     result.history.append(record)
-    tqdm.write(f"step {step}: validation accuracy {out['accuracy']:.3f} ({out['samples']} samples, math-verify)")
+    tqdm.write(f"step {step}: validation accuracy {out['accuracy']:.3f} (avg@{cfg.eval.samples} over "
+               f"{out['questions']} questions, {cfg.eval.grader})")
+    return record
 
 
 # ----------------------------------------------------------------------------------------------
@@ -273,7 +297,9 @@ def main(argv: list[str] | None = None) -> int:
     if distributed:
         shutdown()
     if os.environ.get("RANK", "0") == "0":
+        best = result.best
         print(f"done: step {result.step}, run dir {result.run_dir}, checkpoint {result.checkpoint}"
+              + (f", best checkpoint step {best['step']} (val accuracy {best['val_accuracy']:.4f})" if best else "")
               + (" (stopped by signal)" if result.stopped_by_signal else ""))
     return 0
 
