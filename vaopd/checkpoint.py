@@ -10,6 +10,10 @@ Layout of ``<run_dir>/checkpoints/step_<NNNNNNNN>/``:
 
 A checkpoint is written into a hidden temporary folder next to its final place and then renamed,
 so a crash mid-save leaves every earlier checkpoint intact and never a half-written ``step_*``.
+The temporary folder is named after the writing process (``.tmp_step_<NNNNNNNN>_<pid>``): one left
+by a killed process is removed at the next start (``remove_stale_temporaries``). Saving a step that
+already exists replaces it atomically. Last before the rename, ``manifest.json`` records the size and
+SHA-256 of every file (``vaopd.manifest``); ``verify_checkpoint`` checks it before a load.
 
 A distributed run (torchrun) writes the *sharded* layout instead (``save_sharded_checkpoint``):
 
@@ -21,9 +25,12 @@ A distributed run (torchrun) writes the *sharded* layout instead (``save_sharded
 - ``trainer_state.pt`` (scheduler, step, data position, counters; no RNG: each rank reseeds its
   sampling from the step), ``config.yaml``, ``meta.json`` (with ``"format": "dcp"`` and the
   world size). Rank 0 renames the temporary folder once every rank has written its shards.
+
+DCP files are read with ``vaopd.safe_dcp`` (an allowlist unpickler), never with plain ``pickle``.
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import re
@@ -36,10 +43,15 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from vaopd.manifest import CheckpointError, verify_manifest, write_manifest
+from vaopd.safe_dcp import SafeFileSystemReader, SafeLoadPlanner, read_dcp_metadata
+
 __all__ = ["save_checkpoint", "save_sharded_checkpoint", "is_sharded_checkpoint", "load_sharded_state", "latest_checkpoint",
-           "load_trainer_state", "rng_state", "set_rng_state"]
+           "step_checkpoints", "verify_checkpoint", "CheckpointError", "remove_stale_temporaries",
+           "remove_later_checkpoints", "load_trainer_state", "rng_state", "set_rng_state"]
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
+_TMP_DIR = re.compile(r"^\.tmp_step_\d{8}(?:_(\d+))?$")
 
 
 def rng_state() -> dict:
@@ -63,6 +75,37 @@ def _fsync_tree(path: Path) -> None:
                 os.fsync(fh.fileno())
 
 
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``); False if unsupported."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Make the complete folder ``tmp`` the checkpoint ``final``, replacing an existing one atomically."""
+    if not final.exists():
+        os.rename(tmp, final)  # atomic on POSIX within one filesystem
+    elif _exchange(tmp, final):
+        shutil.rmtree(tmp)  # the replaced checkpoint, now under the temporary name
+    else:  # no atomic exchange here: a crash between the renames leaves both folders, hidden and complete
+        old = tmp.with_name(tmp.name + "_replaced")
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old)
+    _fsync_dir(final.parent)
+
+
 def save_checkpoint(
     checkpoints_dir: Path, step: int, *, model, tokenizer, image_processor, trainer_state: dict,
     config_yaml: str, keep: int, protect: tuple[int, ...] = (),
@@ -72,8 +115,6 @@ def save_checkpoint(
     checkpoints_dir = Path(checkpoints_dir)
     checkpoints_dir.mkdir(parents=True, exist_ok=True)
     final = checkpoints_dir / f"step_{step:08d}"
-    if final.exists():
-        return final  # this step is already saved (e.g. periodic save followed by the final one)
     tmp = checkpoints_dir / f".tmp_step_{step:08d}_{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -86,7 +127,8 @@ def save_checkpoint(
     meta = {"step": step, "data_position": trainer_state.get("data_position")}
     (tmp / "meta.json").write_text(json.dumps(meta) + "\n", encoding="utf-8")
     _fsync_tree(tmp)
-    os.rename(tmp, final)  # atomic on POSIX within one filesystem
+    write_manifest(tmp)
+    _publish(tmp, final)
     _prune(checkpoints_dir, keep, protect)
     return final
 
@@ -108,14 +150,15 @@ def save_sharded_checkpoint(
 
     ``model`` is the transformers model whose blocks are FSDP2-sharded and ``optimizer`` its
     optimizer. Rank 0 prepares a temporary folder, every rank writes its DCP shards into it, rank 0
-    adds the small files and renames it after a barrier, then every rank returns the final path.
+    adds the small files; after a barrier (every rank's shards are complete) rank 0 writes the
+    manifest and renames the folder; a last barrier keeps every rank until the checkpoint is visible.
     """
     checkpoints_dir = Path(checkpoints_dir)
     final = checkpoints_dir / f"step_{step:08d}"
-    tmp = checkpoints_dir / f".tmp_step_{step:08d}"
     main = dist.get_rank() == 0
-    if final.exists():  # every rank sees the same (shared) folder
-        return final
+    name = [f".tmp_step_{step:08d}_{os.getpid()}"]
+    dist.broadcast_object_list(name, src=0)  # rank 0's pid: whose folder it is, for stale-folder cleanup
+    tmp = checkpoints_dir / name[0]
     if main:
         checkpoints_dir.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
@@ -135,10 +178,11 @@ def save_sharded_checkpoint(
         meta = {"step": step, "data_position": trainer_state.get("data_position"), "format": "dcp",
                 "world_size": dist.get_world_size()}
         (tmp / "meta.json").write_text(json.dumps(meta) + "\n", encoding="utf-8")
-        _fsync_tree(tmp)
-    dist.barrier()  # every rank's shards are on disk before the checkpoint becomes visible
+    dist.barrier()  # every rank's shards are written before they are hashed and made visible
     if main:
-        os.rename(tmp, final)
+        _fsync_tree(tmp)
+        write_manifest(tmp)
+        _publish(tmp, final)
         _prune(checkpoints_dir, keep, protect)
     dist.barrier()
     return final
@@ -167,19 +211,70 @@ def load_sharded_state(checkpoint: Path, model, optimizer=None) -> None:
 
 def _dcp_load(state: dict, checkpoint: Path) -> None:
     single = not dist.is_initialized()
+    folder = Path(checkpoint) / "dcp"
+    read_dcp_metadata(folder / ".metadata")  # refuse a crafted index here, with a clear error, not inside DCP
     with warnings.catch_warnings():
         # DCP warns that it "assumes" a single process even when told so (no_dist).
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state, checkpoint_id=Path(checkpoint) / "dcp", no_dist=single)
+        dcp.load(state, storage_reader=SafeFileSystemReader(folder), planner=SafeLoadPlanner(), no_dist=single)
+
+
+def step_checkpoints(checkpoints_dir: Path) -> list[Path]:
+    """The ``step_*`` folders of ``checkpoints_dir``, oldest first (temporary folders are ignored)."""
+    checkpoints_dir = Path(checkpoints_dir)
+    if not checkpoints_dir.is_dir():
+        return []
+    return sorted(p for p in checkpoints_dir.iterdir() if _STEP_DIR.match(p.name) and p.is_dir())
 
 
 def latest_checkpoint(checkpoints_dir: Path) -> Path | None:
-    """The newest complete ``step_*`` checkpoint (temporary folders are ignored), or None."""
-    checkpoints_dir = Path(checkpoints_dir)
-    if not checkpoints_dir.is_dir():
-        return None
-    steps = sorted(p for p in checkpoints_dir.iterdir() if _STEP_DIR.match(p.name) and (p / "trainer_state.pt").is_file())
+    """The newest ``step_*`` checkpoint with a trainer state, or None (not verified: ``verify_checkpoint``)."""
+    steps = [p for p in step_checkpoints(checkpoints_dir) if (p / "trainer_state.pt").is_file()]
     return steps[-1] if steps else None
+
+
+def verify_checkpoint(checkpoint: Path) -> None:
+    """Raise ``CheckpointError`` naming the bad file unless every file matches ``manifest.json`` and,
+    for a sharded checkpoint, its DCP index passes the allowlist unpickler."""
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_dir():
+        raise CheckpointError(f"{checkpoint}: no such checkpoint folder")
+    verify_manifest(checkpoint)
+    if is_sharded_checkpoint(checkpoint):
+        read_dcp_metadata(checkpoint / "dcp" / ".metadata")
+
+
+def remove_stale_temporaries(checkpoints_dir: Path) -> list[Path]:
+    """Remove ``.tmp_step_*`` folders whose writing process is gone (or is this one: it is not
+    saving now); returns them. A live process's folder is left alone."""
+    checkpoints_dir = Path(checkpoints_dir)
+    removed = []
+    for p in (checkpoints_dir.iterdir() if checkpoints_dir.is_dir() else ()):
+        m = _TMP_DIR.match(p.name.removesuffix("_replaced"))
+        if m and p.is_dir() and (m.group(1) is None or not _alive(int(m.group(1)))):
+            shutil.rmtree(p)
+            removed.append(p)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by another user
+        return True
+    return True
+
+
+def remove_later_checkpoints(checkpoints_dir: Path, step: int) -> list[Path]:
+    """Remove the ``step_*`` folders after ``step`` (a resume from an older checkpoint abandons them)."""
+    later = [p for p in step_checkpoints(checkpoints_dir) if int(p.name[5:]) > step]
+    for p in later:
+        shutil.rmtree(p)
+    return later
 
 
 def load_trainer_state(checkpoint: Path, map_location="cpu") -> dict:

@@ -16,8 +16,9 @@ from typing import Any, Literal
 import yaml
 
 __all__ = [
-    "ConfigError", "ModelConfig", "LoraConfig", "DataConfig", "RolloutConfig", "LossConfig",
+    "ConfigError", "ModelConfig", "LoraConfig", "DataConfig", "VLLMConfig", "RolloutConfig", "LossConfig",
     "OptimConfig", "TrainConfig", "SubsetConfig", "EvalConfig", "LogConfig", "DistributedConfig", "Config", "load_config", "to_dict", "to_yaml",
+    "RESUME_SAFE", "resume_changes",
 ]
 
 
@@ -69,13 +70,34 @@ class DataConfig:
 
 
 @dataclass
+class VLLMConfig:
+    # Read only with rollout.engine: vllm (docs/training.md, "Rollout engines").
+    # GPU: the share of the card vLLM takes for its weights and KV cache (the trainer needs the rest).
+    gpu_memory_utilization: float = 0.3
+    # GPU: free vLLM's weights and KV cache while the trainer scores and updates (not on a CPU).
+    sleep_mode: bool = False
+    # GPU: false captures CUDA graphs (faster decoding, slower start). A CPU always runs eagerly.
+    enforce_eager: bool = False
+    # CPU: the KV cache size in GiB.
+    kv_cache_gib: float = 1.0
+    # Longest prompt + response the engine accepts; 0 = the model's context length (its KV cache
+    # must hold one such sequence: set this for long-context models on a small memory share).
+    max_model_len: int = 0
+
+
+@dataclass
 class RolloutConfig:
+    # hf: transformers generate on the student itself. vllm: an in-process vLLM engine whose
+    # weights follow the student (needs the vllm extra: README, "vLLM rollout tests").
+    engine: Literal["hf", "vllm"] = "hf"
     samples_per_prompt: int = 4
     temperature: float = 0.7
     top_p: float = 0.95
+    top_k: int = 0  # 0 = off
     max_new_tokens: int = 16
-    # Prompts per generate() call; 0 = all prompts of the optimizer step in one call.
+    # Prompts per generate() call (hf engine); 0 = all prompts of the optimizer step in one call.
     batch_prompts: int = 0
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
 
 
 @dataclass
@@ -116,6 +138,9 @@ class TrainConfig:
     prompts_per_step: int = 4
     # Prompts per micro-batch (whole sibling groups); 0 = the whole optimizer step at once.
     micro_batch_prompts: int = 0
+    # Single process: fill micro-batches with sibling groups of similar response length (less
+    # padding in teacher scoring and the student's passes; the step's gradient is unchanged).
+    length_buckets: bool = True
     max_steps: int = 0  # 0 = epochs * (train records // prompts_per_step)
     epochs: float = 1.0
     # End this run after this many steps (checkpoint saved) without changing the schedule,
@@ -208,12 +233,15 @@ class Config:
             "train.max_bad_steps": self.train.max_bad_steps,
             "log.rollouts_per_log": self.log.rollouts_per_log,
             "distributed.timeout_s": self.distributed.timeout_s,
+            "rollout.vllm.kv_cache_gib": self.rollout.vllm.kv_cache_gib,
         }
         for key, value in positive.items():
             if not value > 0:
                 raise ConfigError(f"{key}: must be > 0, got {value!r}")
         non_negative = {
             "rollout.batch_prompts": self.rollout.batch_prompts,
+            "rollout.top_k": self.rollout.top_k,
+            "rollout.vllm.max_model_len": self.rollout.vllm.max_model_len,
             "loss.chunk_size": self.loss.chunk_size,
             "optim.weight_decay": self.optim.weight_decay,
             "optim.grad_clip": self.optim.grad_clip,
@@ -237,6 +265,7 @@ class Config:
                 raise ConfigError(f"{key}: must be >= 0, got {value!r}")
         unit = {
             "rollout.top_p": (self.rollout.top_p, False),
+            "rollout.vllm.gpu_memory_utilization": (self.rollout.vllm.gpu_memory_utilization, False),
             "eval.top_p": (self.eval.top_p, False),
             "loss.high_fraction": (self.loss.high_fraction, False),
             "loss.pixelate_factor": (self.loss.pixelate_factor, False),
@@ -266,8 +295,16 @@ class Config:
             raise ConfigError("data.train: a data file or 'tiny' is required")
         if not self.data.question_key or not self.data.answer_key or not self.data.image_key:
             raise ConfigError("data.question_key: question_key, answer_key and image_key must be non-empty")
+        if not _PLAIN_NAME.fullmatch(self.train.name) or set(self.train.name) == {"."}:
+            raise ConfigError(f"train.name: must be a plain folder name (letters, digits, '.', '_', '-'), got "
+                              f"{self.train.name!r}; set train.run_dir to write elsewhere")
         if self.train.device not in ("auto", "cpu") and not self.train.device.startswith("cuda"):
             raise ConfigError(f"train.device: must be auto, cpu or cuda[:N], got {self.train.device!r}")
+        if self.rollout.engine == "vllm" and self.model.lora.enabled:
+            raise ConfigError("rollout.engine: vllm does not sample from a LoRA student (its adapter weights are not "
+                              "merged into the engine); use rollout.engine: hf with model.lora.enabled")
+        if self.rollout.vllm.sleep_mode and self.train.device == "cpu":
+            raise ConfigError("rollout.vllm.sleep_mode: vLLM's sleep mode needs a CUDA GPU; set it to false on a CPU")
 
 
 def _check_type(key: str, value: Any, tp: Any) -> Any:
@@ -319,6 +356,7 @@ def _merge(obj: Any, updates: dict, prefix: str = "") -> None:
             setattr(obj, name, _check_type(key, value, hints[name]))
 
 
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9._-]+")
 _EXP_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
@@ -350,12 +388,59 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"--config: no such file {path}")
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            where = getattr(e, "problem_mark", None)
+            at = f" (line {where.line + 1}, column {where.column + 1})" if where is not None else ""
+            raise ConfigError(f"--config: {path} is not valid YAML{at}: {getattr(e, 'problem', None) or e}") from None
         _merge(cfg, data)
     for text in overrides:
         _merge(cfg, _parse_override(text))
     cfg.validate()
     return cfg
+
+
+# Keys that --resume may change: how the run logs, validates and checkpoints, how long it runs, and
+# where (device, number of ranks, the rollout engine and its memory settings). Any other difference
+# from the checkpoint's config changes the optimisation being continued and is refused. An entry
+# ending in "." covers a whole section.
+RESUME_SAFE = (
+    "log.", "eval.", "distributed.", "data.val", "data.tiny_val_size",
+    "train.name", "train.run_dir", "train.device", "train.max_steps", "train.epochs", "train.stop_after",
+    "train.checkpoint_every", "train.keep_checkpoints", "train.max_bad_steps",
+    "model.attn_implementation", "model.gradient_checkpointing",
+    "rollout.engine", "rollout.vllm.",
+)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def resume_changes(saved: dict, cfg: Config) -> tuple[list[str], list[str]]:
+    """Differences between a checkpoint's saved config (a dict read from its ``config.yaml``) and
+    ``cfg``, as ``"key: old -> new"`` lines: (refused, allowed), see ``RESUME_SAFE``.
+
+    A key the saved config lacks (added to vaopd since) counts only when ``cfg`` moves it off its default.
+    """
+    old, new, default = _flatten(saved), _flatten(to_dict(cfg)), _flatten(to_dict(Config()))
+    refused, allowed = [], []
+    for key in sorted(old.keys() | new.keys()):
+        if key not in old and new.get(key) == default.get(key):
+            continue
+        if old.get(key, "(absent)") == new.get(key, "(absent)"):
+            continue
+        line = f"{key}: {old.get(key, '(absent)')!r} -> {new.get(key, '(absent)')!r}"
+        safe = any(key.startswith(s) if s.endswith(".") else key == s for s in RESUME_SAFE)
+        (allowed if safe else refused).append(line)
+    return refused, allowed
 
 
 def to_dict(cfg: Config) -> dict:

@@ -71,8 +71,9 @@ def tiny_records(n: int, seed: int) -> list[Record]:
     return records
 
 
-def _image_bytes(value, base: Path) -> bytes:
-    """The encoded bytes of an image field value (path, bytes, dict or one-element list)."""
+def _image_bytes(value, base: Path) -> tuple[bytes, str]:
+    """The encoded bytes of an image field value (path, bytes, dict or one-element list) and where
+    they came from (the file's path, or "inline bytes"), for error messages."""
     if isinstance(value, (list, tuple)):
         if len(value) != 1:
             raise ValueError(f"expected exactly one image, got {len(value)}")
@@ -85,21 +86,26 @@ def _image_bytes(value, base: Path) -> bytes:
         else:
             raise ValueError("image dict has neither 'bytes' nor 'path'")
     if isinstance(value, (bytes, bytearray)):
-        return bytes(value)
+        return bytes(value), "inline bytes"
     if isinstance(value, str):
         path = Path(value)
         if not path.is_absolute():
             path = base / path
         if not path.is_file():
             raise ValueError(f"image file not found: {path}")
-        return path.read_bytes()
+        return path.read_bytes(), str(path)
     raise ValueError(f"unsupported image value of type {type(value).__name__}")
 
 
-def _decode(data: bytes) -> Image.Image:
-    with Image.open(io.BytesIO(data)) as im:
-        im.load()
-        return im.convert("RGB")
+def _decode(data: bytes, where: str) -> Image.Image:
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            return im.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        # PIL's own message names an anonymous BytesIO; say which image it was.
+        reason = "not a readable image" if isinstance(e, Image.UnidentifiedImageError) else f"{type(e).__name__}: {e}"
+        raise ValueError(f"cannot decode the image {where} ({len(data)} bytes): {reason}") from None
 
 
 def _read_rows(path: Path) -> list[dict]:
@@ -149,10 +155,11 @@ def load_records(
         try:
             if not isinstance(row, dict):
                 raise ValueError("record is not a mapping")
-            for key in (question_key, answer_key, image_key):
+            for key, setting in ((question_key, "question_key"), (answer_key, "answer_key"), (image_key, "image_key")):
                 if row.get(key) is None:
-                    raise ValueError(f"missing field {key!r}")
-            image = _decode(_image_bytes(row[image_key], base))
+                    raise ValueError(f"missing field {key!r} (its fields: {', '.join(map(repr, row)) or 'none'}; "
+                                     f"set data.{setting} to the name this file uses)")
+            image = _decode(*_image_bytes(row[image_key], base))
             # Geometry3K/ViRL put an <image> tag in the text; the chat template places the image.
             question = str(row[question_key]).replace("<image>", "").strip()
             records.append(Record(id=rid, image=image, question=question, answer=str(row[answer_key]).strip()))

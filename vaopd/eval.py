@@ -19,7 +19,9 @@ from pathlib import Path
 
 import torch
 
+from vaopd.checkpoint import is_sharded_checkpoint, verify_checkpoint
 from vaopd.config import Config, ConfigError, load_config
+from vaopd.manifest import MANIFEST
 from vaopd.data import DataError, Record, load_dataset
 from vaopd.grading import grade
 from vaopd.models import eos_token_ids, load_pretrained
@@ -81,7 +83,7 @@ def evaluate(model, tokenizer, image_processor, records, *, eos_ids, banned_ids,
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vaopd.eval", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", required=True, help="a step_* folder written by vaopd.train, or 'best' (with --run)")
+    parser.add_argument("--checkpoint", required=True, help="a step_* folder written by vaopd.train, a vaopd.export folder, or 'best' (with --run)")
     parser.add_argument("--run", default=None, help="the run folder whose best checkpoint --checkpoint best names")
     parser.add_argument("--data", default=None,
                         help="a JSONL/JSON/parquet file, every record evaluated (default: the run's data.val and eval.subset)")
@@ -92,8 +94,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         ckpt = resolve_checkpoint(args.checkpoint, args.run)
-        if not (ckpt / "model").is_dir() or not (ckpt / "config.yaml").is_file():
-            raise ConfigError(f"--checkpoint: {ckpt} is not a vaopd checkpoint (needs model/ and config.yaml)")
+        # A trainer checkpoint keeps the model in model/; a vaopd.export folder is the model itself.
+        model_dir = ckpt / "model" if (ckpt / "model").is_dir() else ckpt
+        has_model = any((model_dir / name).is_file() for name in ("config.json", "adapter_config.json"))
+        if not has_model or not (ckpt / "config.yaml").is_file():
+            raise ConfigError(f"--checkpoint: {ckpt} is not a vaopd checkpoint (model/ and config.yaml) or a "
+                              "vaopd.export folder (config.json and config.yaml)")
+        if (ckpt / MANIFEST).is_file() or (ckpt / "trainer_state.pt").exists():
+            verify_checkpoint(ckpt)
+        if is_sharded_checkpoint(ckpt):
+            raise ConfigError(f"--checkpoint: {ckpt} is sharded (written under torchrun): "
+                              f"python -m vaopd.export --checkpoint {ckpt} --out DIR, then evaluate DIR")
         overrides = []
         if args.data is not None:
             # A benchmark file is evaluated whole: the run's validation subset does not apply to it.
@@ -108,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else "cpu")
-    model, tokenizer, image_processor = load_pretrained(cfg, str(ckpt / "model"), device, trainable=False, seed=cfg.train.seed)
+    model, tokenizer, image_processor = load_pretrained(cfg, str(model_dir), device, trainable=False, seed=cfg.train.seed)
     model.eval()
     eos = eos_token_ids(model, tokenizer)
     result = evaluate(

@@ -1,6 +1,9 @@
 """``python -m vaopd.export --checkpoint DIR --out DIR``: the student of a checkpoint as one
 consolidated ``save_pretrained`` folder (safetensors, config, tokenizer, image processor) for
-inference with ``from_pretrained`` or ``vaopd.eval``.
+inference with ``from_pretrained`` or ``vaopd.eval`` (the folder also holds the run's
+``config.yaml``, which ``vaopd.eval`` reads, and a ``manifest.json`` of its files).
+
+The checkpoint is verified against its manifest first: a damaged one is refused, naming the file.
 
 Both checkpoint layouts work (``vaopd.checkpoint``): a single-process checkpoint's ``model/``
 already holds full safetensors and is re-saved as is; a sharded (torchrun) checkpoint's weights
@@ -16,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from vaopd.checkpoint import is_sharded_checkpoint, load_sharded_state
+from vaopd.checkpoint import is_sharded_checkpoint, load_sharded_state, verify_checkpoint
+from vaopd.manifest import write_manifest
 from vaopd.selection import resolve_checkpoint
 
 __all__ = ["export", "main"]
@@ -36,6 +40,7 @@ def export(checkpoint: str | Path, out: str | Path, dtype: str = "float32") -> P
         raise ValueError(f"{checkpoint} holds a LoRA adapter: load it with peft onto model.student, or merge it there")
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty")
+    verify_checkpoint(checkpoint)
     if is_sharded_checkpoint(checkpoint):
         model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(model_dir), dtype=torch.float32)
         load_sharded_state(checkpoint, model)
@@ -45,6 +50,8 @@ def export(checkpoint: str | Path, out: str | Path, dtype: str = "float32") -> P
     shutil.copytree(model_dir, out, ignore=shutil.ignore_patterns("*.safetensors", "*.safetensors.index.json"),
                     dirs_exist_ok=True)
     model.to(_DTYPES[dtype]).save_pretrained(out, safe_serialization=True)
+    shutil.copy2(checkpoint / "config.yaml", out / "config.yaml")  # the run's settings, for vaopd.eval
+    write_manifest(out)
     return out
 
 

@@ -71,7 +71,15 @@ def read_jsonl(path: Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = []
+    for n, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if n < len(lines) - 1:  # a torn last line is a write in progress (or cut by a crash): skip it
+                raise ValueError(f"{path}: line {n + 1} is not valid JSON") from None
+    return records
 
 
 def find_runs(root: Path) -> list[Path]:
@@ -188,7 +196,11 @@ def _moving_average(xs: list, ys: list, window: int) -> tuple[list, list]:
 
 def plot_curves(runs: list[Path], path: Path) -> Path | None:
     """Plot the runs' curves into ``path`` (PNG); None when no run has metrics."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise ImportError("vaopd.inspect draws curves.png with matplotlib, which is missing: pip install matplotlib "
+                          "(or reinstall vaopd, which requires it)") from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

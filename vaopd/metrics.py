@@ -13,7 +13,43 @@ import torch
 
 from vaopd.objective import token_coefficients
 
-__all__ = ["MetricsLogger", "token_stats"]
+__all__ = ["MetricsLogger", "JsonlError", "truncate_jsonl", "token_stats"]
+
+
+class JsonlError(ValueError):
+    """A line of a run's JSONL file that is not JSON (other than a torn last line); names file and line."""
+
+
+def truncate_jsonl(path: Path, step: int) -> tuple[int, bool]:
+    """Keep the lines of ``path`` whose ``step`` is at most ``step``; returns (lines dropped, torn).
+
+    A last line that is not valid JSON is a write cut short by a crash (torn): it is dropped. An
+    invalid line anywhere else is damage this cannot explain and raises ``JsonlError``.
+    """
+    path = Path(path)
+    text = path.read_text(encoding="utf-8", errors="replace")
+    lines = text.splitlines()
+    keep, torn = [], False
+    for n, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as e:
+            if n == len(lines) - 1:
+                torn = True
+                continue
+            raise JsonlError(f"{path}: line {n + 1} is not a JSON record ({e}); fix or remove that line") from None
+        if record.get("step", 0) <= step:
+            keep.append(line)
+    dropped = sum(1 for line in lines if line.strip()) - len(keep)
+    if dropped or not text.endswith("\n"):  # the next append must start on a line of its own
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(k + "\n" for k in keep), encoding="utf-8")
+        tmp.replace(path)  # atomic: a crash here leaves the old file, never a half-written one
+    return dropped, torn
 
 
 def token_stats(stats: dict[str, torch.Tensor], mask: torch.Tensor, high_fraction: float) -> dict[str, float]:
@@ -41,20 +77,21 @@ class MetricsLogger:
     """Appends one JSON line per step to ``<run_dir>/metrics.jsonl``; mirrors scalars to TB/W&B.
 
     ``enabled=False`` (every rank but 0 of a distributed run) touches no file and logs nothing.
+    On resume (``resume_step``) the lines of later steps and a torn last line are dropped first:
+    ``self.dropped`` and ``self.torn`` say how many and whether.
     """
 
     def __init__(self, run_dir: Path, *, tensorboard: bool = False, wandb_project: str = "", config: dict | None = None,
                  resume_step: int | None = None, enabled: bool = True):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.enabled = enabled
+        self.dropped, self.torn = 0, False
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.exists():
             # Drop lines of steps after the checkpoint: they will be redone.
-            keep = [line for line in self.path.read_text(encoding="utf-8").splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            self.path.write_text("".join(k + "\n" for k in keep), encoding="utf-8")
+            self.dropped, self.torn = truncate_jsonl(self.path, resume_step)
         elif resume_step is None and self.path.exists():
             self.path.unlink()
         self._tb = self._wandb = None

@@ -1,13 +1,130 @@
-"""Run folders: where a run's checkpoints, metrics and config live."""
+"""Run folders: where a run's checkpoints, metrics and config live, and who may write there.
+
+``runs/<train.name>`` (``train.name`` is a plain name) or ``train.run_dir``. A folder that already
+holds a run (any of ``RUN_FILES``) is never written into by accident: a new run there is refused
+unless it continues the run (``--resume``) or replaces it (``--overwrite``, which removes the old
+run's files first). Nothing else in the folder is touched.
+
+``start_run`` makes these decisions before anything is built or written. On ``--resume`` it picks
+the checkpoint: the newest one whose files match their manifest (a damaged one is named and
+skipped with a warning), and refuses config changes that would alter the optimisation being
+continued (``vaopd.config.resume_changes``).
+"""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
+from typing import Callable
 
-from vaopd.config import Config
+import yaml
 
-__all__ = ["run_dir_of"]
+from vaopd.checkpoint import CheckpointError, step_checkpoints, verify_checkpoint
+from vaopd.config import Config, resume_changes
+
+__all__ = ["RunFolderError", "RUN_FILES", "run_dir_of", "run_files", "check_new_run", "clear_run", "choose_checkpoint",
+           "start_run"]
+
+# What a run writes into its folder (best.json: vaopd.selection's record of the best checkpoint).
+RUN_FILES = ("checkpoints", "metrics.jsonl", "config.yaml", "rollouts.jsonl", "best.json", "tensorboard")
+
+
+class RunFolderError(ValueError):
+    """A run folder that may not be written as asked; the message says what to pass instead."""
 
 
 def run_dir_of(cfg: Config) -> Path:
     """``train.run_dir`` when set, else ``runs/<train.name>``."""
     return Path(cfg.train.run_dir or Path("runs") / cfg.train.name)
+
+
+def run_files(run_dir: Path) -> list[str]:
+    """The names of ``RUN_FILES`` present in ``run_dir`` (an empty ``checkpoints/`` does not count)."""
+    run_dir = Path(run_dir)
+    found = []
+    for name in RUN_FILES:
+        path = run_dir / name
+        if name == "checkpoints":
+            steps = step_checkpoints(path)
+            if steps:
+                found.append(f"checkpoints/{steps[0].name}" + (f" .. {steps[-1].name}" if len(steps) > 1 else ""))
+        elif path.exists():
+            found.append(name)
+    return found
+
+
+def check_new_run(run_dir: Path, *, overwrite: bool) -> None:
+    """Raise ``RunFolderError`` if ``run_dir`` holds a run and ``overwrite`` is false."""
+    found = run_files(run_dir)
+    if found and not overwrite:
+        raise RunFolderError(
+            f"{run_dir} already holds a run ({', '.join(found)}). Pass --resume to continue it, --overwrite to "
+            "start again (removes its checkpoints and metrics), or pick another folder (--set train.name=NAME).")
+
+
+def clear_run(run_dir: Path) -> list[str]:
+    """Remove the ``RUN_FILES`` of ``run_dir`` (``--overwrite``); returns what was removed."""
+    removed = []
+    for name in RUN_FILES:
+        path = Path(run_dir) / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+        else:
+            continue
+        removed.append(name)
+    return removed
+
+
+def choose_checkpoint(run_dir: Path, resume: str | bool, warn: Callable[[str], None]) -> Path:
+    """The checkpoint ``--resume`` continues: ``resume`` itself (a path), verified, or with
+    ``resume=True`` the newest intact one of ``run_dir/checkpoints``. Raises ``CheckpointError``
+    naming the bad files when none is intact."""
+    if resume is not True:
+        ckpt = Path(resume)
+        try:
+            verify_checkpoint(ckpt)
+        except CheckpointError as e:
+            raise CheckpointError(f"--resume {ckpt}: {e}") from None
+        return ckpt
+    checkpoints = Path(run_dir) / "checkpoints"
+    candidates = step_checkpoints(checkpoints)[::-1]
+    if not candidates:
+        hint = " (the folder holds a run without one: --overwrite starts it again)" if run_files(run_dir) else ""
+        raise RunFolderError(f"--resume: no checkpoint in {checkpoints}{hint}")
+    problems = []
+    for ckpt in candidates:
+        try:
+            verify_checkpoint(ckpt)
+        except CheckpointError as e:
+            problems.append(str(e))
+            warn(f"WARNING: --resume: {ckpt.name} is damaged: {e}")
+            continue
+        if problems:
+            warn(f"WARNING: --resume: falling back to {ckpt}, the newest intact checkpoint")
+        return ckpt
+    raise CheckpointError(f"--resume: no intact checkpoint in {checkpoints}:\n  " + "\n  ".join(problems))
+
+
+def start_run(cfg: Config, *, resume: str | bool | None, overwrite: bool, warn: Callable[[str], None]) -> Path | None:
+    """Check that ``cfg``'s run may start as asked; returns the checkpoint to resume (or None).
+
+    Writes nothing: a refusal (``RunFolderError``, ``CheckpointError``) leaves the folder as it was.
+    """
+    run_dir = run_dir_of(cfg)
+    if resume and overwrite:
+        raise RunFolderError("--resume continues a run and --overwrite starts it again: pass one of them")
+    if not resume:
+        check_new_run(run_dir, overwrite=overwrite)
+        return None
+    ckpt = choose_checkpoint(run_dir, resume, warn)
+    saved = yaml.safe_load((ckpt / "config.yaml").read_text(encoding="utf-8"))
+    refused, allowed = resume_changes(saved if isinstance(saved, dict) else {}, cfg)
+    if refused:
+        raise RunFolderError(
+            f"--resume: {ckpt} was trained with other settings, and these change the optimisation it continues:\n  "
+            + "\n  ".join(refused) + "\nResume with the checkpoint's values, or start a new run "
+            "(--set train.name=NAME, or --overwrite).")
+    if allowed:
+        warn("--resume: changed settings (allowed): " + "; ".join(allowed))
+    return ckpt

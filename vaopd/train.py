@@ -26,18 +26,19 @@ import torch
 from tqdm import tqdm
 
 from vaopd.build import Setup, build_setup, parallelize
-from vaopd.checkpoint import (is_sharded_checkpoint, latest_checkpoint, load_sharded_state, load_trainer_state, rng_state,
+from vaopd.checkpoint import (CheckpointError, is_sharded_checkpoint, latest_checkpoint, load_sharded_state,
+                              load_trainer_state, remove_later_checkpoints, remove_stale_temporaries, rng_state,
                               save_checkpoint, save_sharded_checkpoint, set_rng_state)
 from vaopd.config import Config, ConfigError, load_config, to_dict, to_yaml
 from vaopd.data import DataError
 from vaopd.distributed import (any_rank, init_distributed, launched_by_torchrun, load_full_optimizer_state, reduce_sums,
                                rollout_seed, shutdown)
 from vaopd.eval import evaluate, validation_questions
-from vaopd.metrics import MetricsLogger
+from vaopd.metrics import JsonlError, MetricsLogger, truncate_jsonl
 from vaopd.models import VocabularyError, resolve_device
 from vaopd.optim import build_optimizer, total_steps
 from vaopd.plan import build_plan
-from vaopd.runs import run_dir_of
+from vaopd.runs import RunFolderError, clear_run, run_dir_of, start_run
 from vaopd.selection import BEST_FILE, is_better, read_best, write_best
 from vaopd.step import train_step
 
@@ -61,22 +62,34 @@ class TrainResult:
     best: dict | None = None
 
 
-def _resume_checkpoint(run_dir: Path, resume: str | bool | None) -> Path | None:
-    if not resume:
-        return None
-    if resume is True:
-        ckpt = latest_checkpoint(run_dir / "checkpoints")
-        if ckpt is None:
-            raise ConfigError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}")
-        return ckpt
-    ckpt = Path(resume)
-    if not (ckpt / "trainer_state.pt").is_file():
-        raise ConfigError(f"--resume: {ckpt} is not a checkpoint folder (no trainer_state.pt)")
-    return ckpt
+_REFUSALS = (RunFolderError, CheckpointError, ConfigError)
 
 
-def train(cfg: Config, *, resume: str | bool | None = None, handle_signals: bool = False) -> TrainResult:
-    """Train with ``cfg``; ``resume`` = True (latest checkpoint of the run dir) or a checkpoint path.
+def _start_on_main(env, say, cfg: Config, resume, overwrite: bool) -> Path | None:
+    """``vaopd.runs.start_run`` decided by rank 0 alone and told to every rank (a slower rank must
+    not see rank 0's first writes as an existing run); a refusal is raised on every rank."""
+    if env is None:
+        return start_run(cfg, resume=resume, overwrite=overwrite, warn=say)
+    import torch.distributed as dist
+
+    answer = [None]
+    if env.is_main:
+        try:
+            ckpt = start_run(cfg, resume=resume, overwrite=overwrite, warn=say)
+            answer[0] = ("ok", str(ckpt) if ckpt else None)
+        except _REFUSALS as e:
+            answer[0] = (type(e).__name__, str(e))
+    dist.broadcast_object_list(answer, src=0)
+    kind, value = answer[0]
+    if kind != "ok":
+        raise {t.__name__: t for t in _REFUSALS}[kind](value)
+    return Path(value) if value else None
+
+
+def train(cfg: Config, *, resume: str | bool | None = None, overwrite: bool = False,
+          handle_signals: bool = False) -> TrainResult:
+    """Train with ``cfg``; ``resume`` = True (newest intact checkpoint of the run dir) or a
+    checkpoint path; ``overwrite`` replaces a run already in the run dir (``vaopd.runs``).
 
     Under torchrun every rank calls this: the student is FSDP2-sharded (``parallelize``), each
     rank samples and scores its share of the step, checkpoints are sharded (DCP), and only rank 0
@@ -89,7 +102,7 @@ def train(cfg: Config, *, resume: str | bool | None = None, handle_signals: bool
     if env and cfg.log.rollouts_every:
         say("log.rollouts_every: rollouts.jsonl is written by single-process runs only; not under torchrun")
     run_dir = run_dir_of(cfg)
-    ckpt = _resume_checkpoint(run_dir, resume)
+    ckpt = _start_on_main(env, say, cfg, resume, overwrite)
     sharded_ckpt = ckpt is not None and is_sharded_checkpoint(ckpt)
     torch.manual_seed(cfg.train.seed)
     s = build_setup(cfg, device, student_source=str(ckpt / "model") if ckpt and not sharded_ckpt else None)
@@ -121,12 +134,16 @@ def train(cfg: Config, *, resume: str | bool | None = None, handle_signals: bool
     first_step = step
     config_yaml = to_yaml(cfg)
     if main_rank:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if not ckpt:
-            (run_dir / "rollouts.jsonl").unlink(missing_ok=True)
+        _prepare_run_dir(run_dir, ckpt, step, overwrite, say)
+        for data in (s.train_data, s.val_data):
+            if data is not None and data.skipped:
+                say(f"data.skip_bad_records: skipped {data.skipped} bad record(s) of {data.source}")
         (run_dir / "config.yaml").write_text(config_yaml, encoding="utf-8")
     logger = MetricsLogger(run_dir, tensorboard=cfg.log.tensorboard, wandb_project=cfg.log.wandb_project,
                            config=to_dict(cfg), resume_step=step if ckpt else None, enabled=main_rank)
+    if logger.dropped:
+        say(f"--resume: dropped {logger.dropped} line(s) of {logger.path} after step {step}"
+            + (" (including a torn last line)" if logger.torn else ""))
     last = step + cfg.train.stop_after if cfg.train.stop_after else steps
     last = min(last, steps)
     result = TrainResult(s.student, s.teacher, step, run_dir, ckpt)
@@ -136,8 +153,13 @@ def train(cfg: Config, *, resume: str | bool | None = None, handle_signals: bool
         (run_dir / BEST_FILE).unlink(missing_ok=True)
     validated: dict[int, dict] = {}  # step -> validation record (main rank)
 
+    saved_step = [None]  # the step last written: the final save after a periodic one at that step reuses it
+
     def save() -> Path:
-        path = write_checkpoint(protect=(result.best["step"],) if result.best else ())
+        if saved_step[0] != step:
+            result.checkpoint = write_checkpoint(protect=(result.best["step"],) if result.best else ())
+            saved_step[0] = step
+        path = result.checkpoint
         val = validated.get(step)
         if val is not None and is_better(val["val_accuracy"], result.best):
             result.best = {"step": step, "val_accuracy": val["val_accuracy"], "val_samples": val["val_samples"],
@@ -218,6 +240,26 @@ def train(cfg: Config, *, resume: str | bool | None = None, handle_signals: bool
     return result
 
 
+def _prepare_run_dir(run_dir: Path, ckpt: Path | None, step: int, overwrite: bool, say) -> None:
+    """Main rank, once the run is set up: clear a replaced run, or cut a resumed one back to ``step``."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for tmp in remove_stale_temporaries(run_dir / "checkpoints"):
+        say(f"removed {tmp}: a temporary folder left by an interrupted save")
+    if ckpt is None:
+        if overwrite and (removed := clear_run(run_dir)):
+            say(f"--overwrite: removed the previous run's {', '.join(removed)} from {run_dir}")
+        (run_dir / "rollouts.jsonl").unlink(missing_ok=True)
+        return
+    say(f"resuming from {ckpt} (step {step})")
+    later = remove_later_checkpoints(run_dir / "checkpoints", step)
+    if later:
+        say(f"--resume: removed {', '.join(p.name for p in later)}: later than step {step}, they belong to the "
+            "abandoned continuation")
+    rollouts = run_dir / "rollouts.jsonl"
+    if rollouts.exists() and truncate_jsonl(rollouts, step)[0]:
+        say(f"--resume: dropped the lines of {rollouts} after step {step}")
+
+
 def validate(cfg: Config, s: Setup, records: list, logger: MetricsLogger, step: int, result: TrainResult) -> dict | None:
     """Sample and grade the validation answers of ``records``; returns the logged record on the
     main rank (None on the others). Under torchrun each rank grades every N-th question on the
@@ -264,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--method", choices=["va_opd", "opd"], default=None, help="shorthand for --set loss.method=...")
     parser.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
                         help="continue from the run dir's latest checkpoint, or from CHECKPOINT")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start again in a run dir that holds a run, removing its checkpoints and metrics")
     parser.add_argument("--dry-run", action="store_true", help="validate, print the resolved config and the plan, exit")
     args = parser.parse_args(argv)
     from transformers.utils import logging as hf_logging
@@ -281,8 +325,8 @@ def main(argv: list[str] | None = None) -> int:
             print(to_yaml(cfg))
             print(build_plan(cfg))
             return 0
-        result = train(cfg, resume=args.resume, handle_signals=True)
-    except (ConfigError, DataError, VocabularyError) as e:
+        result = train(cfg, resume=args.resume, overwrite=args.overwrite, handle_signals=True)
+    except (ConfigError, DataError, VocabularyError, RunFolderError, CheckpointError, JsonlError) as e:
         print(f"{rank}error: {e}", file=sys.stderr)
         return 2
     except TrainingAborted as e:
