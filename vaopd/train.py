@@ -305,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted override, e.g. optim.lr=1e-5 (repeatable)")
     parser.add_argument("--method", choices=["va_opd", "opd"], default=None, help="shorthand for --set loss.method=...")
     parser.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
-                        help="continue from the run dir's latest checkpoint, or from CHECKPOINT")
+                        help="continue from the run dir's newest intact checkpoint, or from CHECKPOINT")
     parser.add_argument("--overwrite", action="store_true",
                         help="start again in a run dir that holds a run, removing its checkpoints and metrics")
     parser.add_argument("--dry-run", action="store_true", help="validate, print the resolved config and the plan, exit")
