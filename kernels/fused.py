@@ -59,12 +59,15 @@ log = logging.getLogger(__name__)
 BACKENDS = ("auto", "triton", "torch")
 
 # Token rows per chunk, C. Memory beyond the inputs and gradients is 1.5 C V elements of the input
-# dtype: at the Qwen vocabulary in bf16, 2,048 rows are 890 MiB (under 1 GiB, measured 893 MiB on
-# an H100, bench/RESULTS.md), and the products stay efficient. A sibling group must fit in a chunk
-# for the one-pass VA-OPD path: 4 responses of 512 tokens do. On a CPU the buffers are fp32 and
-# the torch row ops add about 50 MiB of temporaries: 1,024 rows at a 32K vocabulary are 190 MiB.
+# dtype: at the Qwen vocabulary in bf16, 2,048 rows are 890 MiB (under 1 GiB; 893 MiB measured on
+# an H100 with the same two buffers in the former two-phase design, bench/RESULTS.md), and the
+# products stay efficient (2,048-row chunks were 1 to 3% faster than 1,024 there). A sibling group must fit in a chunk
+# for the one-pass VA-OPD path: 4 responses of 512 tokens do. On a CPU the buffers are fp32 (1,024
+# rows at a 32K vocabulary: 188 MiB) and the torch row ops add about 16 MiB of temporaries: a
+# fifth of the full-logits reference's memory at 2,048 tokens (tests/test_kernel_memory.py).
 DEFAULT_CHUNK_GPU = 2048
 DEFAULT_CHUNK_CPU = 1024
+
 
 def _row_ops(backend: str, device: torch.device) -> ModuleType:
     if backend not in BACKENDS:
@@ -524,9 +527,9 @@ def va_opd_loss(
         chunk_size: ``C``, valid token rows per chunk (default 2048 on CUDA, 1024 on CPU). Memory
             beyond the inputs, the gradients and an fp32 ``[V_S, D_S]`` weight-gradient
             accumulator is ``1.5 * C * vocab_size`` elements of the input dtype (a ``[C, V]``
-            student buffer and a ``[C/2, V]`` teacher buffer), plus on the torch backend about
-            50 MiB (CPU) of fp32 row-op temporaries; with Qwen's vocabulary in bf16 and the
-            default, 890 MiB. VA-OPD runs in one pass when every sibling group's valid tokens fit
+            student buffer and a ``[C/2, V]`` teacher buffer), plus on the torch backend fp32
+            row-op temporaries of a bounded row block (about 16 MiB on a CPU, 256 MiB on a GPU);
+            with Qwen's vocabulary in bf16 and the default, 890 MiB, flat in the token count. VA-OPD runs in one pass when every sibling group's valid tokens fit
             in ``C``; otherwise it falls back to two phases (see below).
         process_group: a ``torch.distributed`` group over which one batch is split (data
             parallelism). Sibling responses may then sit on different ranks: their VA means and
@@ -678,31 +681,32 @@ def chunked_va_opd_loss(
     teacher_rows = take(teacher_hidden.detach())
     ablated_rows = None if teacher_ablated_hidden is None else take(teacher_ablated_hidden.detach())
     t_weight = teacher_weight.detach()
-    teacher_logp = va = None
+    teacher_logp = ablated_logp = va = None
     with torch.no_grad():
-        if packs is not None:
-            va_rows, packed_coef = (torch.zeros(n, dtype=torch.float32, device=device) for _ in range(2))
+        if packs is not None:  # one pass: each chunk's coefficients from its own teacher log-probs
+            va_rows, coef_rows = (torch.zeros(n, dtype=torch.float32, device=device) for _ in range(2))
             bounds = [0]
             for pack in packs:
                 bounds.append(bounds[-1] + sum(lengths[b] for b in pack))
             chunks = list(zip(bounds[:-1], bounds[1:]))
             coefficients = _pack_coefficients(
-                packs, mask, group_ids, va_rows, packed_coef, num_prompts=num_prompts,
+                packs, mask, group_ids, va_rows, coef_rows, num_prompts=num_prompts,
                 temperature=temperature, high_fraction=high_fraction, high_weight=high_weight,
             )
-        else:
+        else:  # coefficients known before the pass
             chunks = _even_chunks(n, chunk)
             if method == "va_opd":  # phase A: both teacher views for every row, then the coefficients
                 teacher_logp, _ = linear_logprobs_forward(teacher_rows, t_weight, tok, vocab, chunk, ops)
                 ablated_logp, _ = linear_logprobs_forward(ablated_rows, t_weight, tok, vocab, chunk, ops)
                 va = visual_advantage(scatter(teacher_logp), scatter(ablated_logp), mask)
-                coef = loss_coefficients(method, va, mask, group_ids, temperature, high_fraction, high_weight, process_group)
-            else:
-                coef = loss_coefficients(method, torch.zeros(mask.shape, device=device), mask, group_ids, process_group=process_group)
-            coef_rows = take(coef) / num_prompts
+            coef = loss_coefficients(
+                method, torch.zeros(mask.shape, device=device) if va is None else va, mask, group_ids,
+                temperature, high_fraction, high_weight, process_group,
+            )
+            scaled_coef = take(coef) / num_prompts
 
             def coefficients(index, rows, clean, ablated):
-                return coef_rows[rows]
+                return scaled_coef[rows]
 
     student_rows = take(student_hidden)
     need_hidden, need_weight = _wanted(student_rows, student_weight)
@@ -710,23 +714,21 @@ def chunked_va_opd_loss(
         result = distill_forward(
             student_rows.detach(), student_weight.detach(), teacher_rows, t_weight, tok, chunks, coefficients,
             vocab=vocab, chunk=chunk, ops=ops, need_hidden=need_hidden, need_weight=need_weight,
-            ablated_hidden=None if va is not None else ablated_rows, teacher_logp=teacher_logp, sampled=sampled,
+            ablated_hidden=None if ablated_logp is not None else ablated_rows, teacher_logp=teacher_logp, sampled=sampled,
         )
-        if va is None:  # one pass, or OPD: the VA stats from the pass's log-probs
-            va = scatter(va_rows) if packs is not None else (
-                torch.zeros(mask.shape, device=device) if ablated_rows is None
-                else visual_advantage(scatter(result.teacher_logp), scatter(result.ablated_logp), mask)
-            )
-        if ablated_rows is None:
-            ablated_stat = torch.where(mask, float("nan"), 0.0).float()
-        else:
-            ablated_stat = scatter(result.ablated_logp if result.ablated_logp is not None else ablated_logp)
+        if result.ablated_logp is not None:
+            ablated_logp = result.ablated_logp
+        if packs is not None:
+            va, coef = scatter(va_rows), scatter(coef_rows)
+        elif va is None:  # OPD: VA only as a statistic, when the ablated view is given
+            va = torch.zeros(mask.shape, device=device) if ablated_logp is None else visual_advantage(
+                scatter(result.teacher_logp), scatter(ablated_logp), mask)
         stats = {
             "kl": scatter(result.kl),
             "va": va,
-            "coef": scatter(packed_coef) if packs is not None else coef,
+            "coef": coef,
             "student_logp": scatter(result.student_logp),
             "teacher_logp": scatter(result.teacher_logp),
-            "teacher_ablated_logp": ablated_stat,
+            "teacher_ablated_logp": torch.where(mask, float("nan"), 0.0).float() if ablated_logp is None else scatter(ablated_logp),
         }
     return _attach(result, student_rows, student_weight), stats
