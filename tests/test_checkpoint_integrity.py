@@ -175,3 +175,18 @@ def test_saving_an_existing_step_replaces_it(tmp_path):
     assert again == first and load_trainer_state(first)["bad_steps"] == 7
     verify_checkpoint(first)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000003"]  # no temporary or replaced folder left
+
+
+def test_damaged_safetensors_in_a_model_folder_are_named(tmp_path):
+    from vaopd.config import ConfigError
+    from vaopd.tiny import build_image_processor, build_model, build_tokenizer
+
+    folder = tmp_path / "student"
+    build_model("student", build_tokenizer(), seed=0).save_pretrained(folder)
+    build_tokenizer().save_pretrained(folder)
+    build_image_processor().save_pretrained(folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ConfigError, match=rf"model.student: cannot load .*damaged weights {weights}"):
+        train(tiny_config(tmp_path, f"model.student={folder}"))
+    assert not (tmp_path / "run").exists()

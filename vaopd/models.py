@@ -14,7 +14,7 @@ from vaopd.config import Config, ConfigError
 from vaopd.tiny import build_image_processor, build_model, build_tokenizer, is_tiny
 
 __all__ = ["VocabularyError", "resolve_device", "use_bf16", "attn_implementation", "load_pretrained", "loading",
-           "base_model", "eos_token_ids", "check_vocabularies"]
+           "base_model", "enable_gradient_checkpointing", "eos_token_ids", "check_vocabularies"]
 
 
 class VocabularyError(ValueError):
@@ -70,16 +70,37 @@ def load_pretrained(cfg: Config, source: str, device: torch.device, *, trainable
 
 @contextmanager
 def loading(source: str, key: str):
-    """Turn a failed model/tokenizer load (missing folder, no hub access) into a ConfigError."""
+    """Turn a failed model/tokenizer load (missing folder, no hub access, a damaged weights file)
+    into a ConfigError naming the key (and the damaged file)."""
+    from safetensors import SafetensorError, safe_open
+
     try:
         yield
     except OSError as e:
         raise ConfigError(f"{key}: cannot load {source!r} (a local model folder or a cached hub id is needed): {e}") from None
+    except SafetensorError as e:
+        damaged = []
+        for file in sorted(Path(source).glob("*.safetensors")):
+            try:
+                with safe_open(file, framework="pt"):
+                    pass
+            except SafetensorError:
+                damaged.append(str(file))
+        raise ConfigError(f"{key}: cannot load {source!r}: damaged weights {', '.join(damaged) or '(a .safetensors file)'} "
+                          f"({e})") from None
 
 
 def base_model(model):
     """The transformers model under a peft wrapper (LoRA layers are injected into it in place)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Recompute each transformer block's activations in backward (non-reentrant checkpoints)."""
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x renamed it
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def eos_token_ids(model, tokenizer) -> list[int]:
