@@ -6,14 +6,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from vaopd.config import Config, ConfigError
 from vaopd.data import Dataset, load_dataset
-from vaopd.distributed import DistEnv, Parallel, replicate, shard_model
-from vaopd.models import base_model, check_vocabularies, eos_token_ids, load_pretrained, use_bf16
+from vaopd.distributed import DistEnv, Parallel, launched_by_torchrun, replicate, shard_model
+from vaopd.models import (base_model, check_vocabularies, enable_gradient_checkpointing, eos_token_ids, load_pretrained,
+                          use_bf16)
 from vaopd.rollout import HFGenerate, RolloutBackend, banned_token_ids
+from vaopd.runs import run_dir_of
+from vaopd.tiny import is_tiny
 
-__all__ = ["Setup", "build_rollout", "build_setup", "parallelize"]
+__all__ = ["Setup", "build_rollout", "build_vllm_rollout", "build_setup", "parallelize"]
 
 
 @dataclass
@@ -34,8 +38,46 @@ class Setup:
 
 
 def build_rollout(cfg: Config, model, eos_ids: list[int], pad_id: int, banned_ids: list[int]) -> RolloutBackend:
-    return HFGenerate(model, eos_ids=eos_ids, pad_id=pad_id, banned_ids=banned_ids, temperature=cfg.rollout.temperature,
-                      top_p=cfg.rollout.top_p, max_new_tokens=cfg.rollout.max_new_tokens, batch_prompts=cfg.rollout.batch_prompts)
+    """The ``hf`` engine: transformers ``generate`` on ``model`` itself."""
+    r = cfg.rollout
+    return HFGenerate(model, eos_ids=eos_ids, pad_id=pad_id, banned_ids=banned_ids, temperature=r.temperature, top_p=r.top_p,
+                      top_k=r.top_k, max_new_tokens=r.max_new_tokens, batch_prompts=r.batch_prompts)
+
+
+def build_vllm_rollout(cfg: Config, student, tokenizer, image_processor, source: str, device: torch.device, bf16: bool,
+                       eos_ids: list[int], banned_ids: list[int]) -> RolloutBackend:
+    """The ``vllm`` engine (``vaopd.rollout.vllm``), built from the student's model folder ``source``.
+
+    vLLM reads a model folder: a ``tiny:`` student is first saved (model, tokenizer with its chat
+    template, image processor) to ``<run dir>/rollout_model``. The folder's weights only matter
+    until the first rollout, which loads the student's own.
+    """
+    from vaopd.rollout.vllm import VLLM_INSTALL_HINT, VLLMGenerate, vllm_available
+
+    r, v = cfg.rollout, cfg.rollout.vllm
+    if not vllm_available():
+        raise ConfigError(f"rollout.engine: vllm is not installed in this environment; {VLLM_INSTALL_HINT}")
+    if v.sleep_mode and device.type != "cuda":
+        raise ConfigError(f"rollout.vllm.sleep_mode: vLLM's sleep mode needs a CUDA GPU (the trainer runs on {device}); "
+                          "set it to false")
+    folder = Path(source)
+    if is_tiny(source):
+        folder = run_dir_of(cfg) / "rollout_model"
+        torchrun = launched_by_torchrun()
+        if not torchrun or dist.get_rank() == 0:  # one writer; every rank's engine reads it
+            base_model(student).save_pretrained(folder)
+            tokenizer.save_pretrained(folder)
+            image_processor.save_pretrained(folder)
+        if torchrun:
+            dist.barrier()
+    return VLLMGenerate(
+        folder, device=device, dtype=torch.bfloat16 if bf16 else torch.float32, eos_ids=eos_ids,
+        pad_id=tokenizer.pad_token_id, image_pad_id=tokenizer.convert_tokens_to_ids("<|image_pad|>"), banned_ids=banned_ids,
+        lm_head_rows=base_model(student).get_output_embeddings().weight.shape[0], temperature=r.temperature, top_p=r.top_p,
+        top_k=r.top_k, max_new_tokens=r.max_new_tokens, gpu_memory_utilization=v.gpu_memory_utilization,
+        sleep_mode=v.sleep_mode, kv_cache_gib=v.kv_cache_gib, max_model_len=v.max_model_len,
+        enforce_eager=v.enforce_eager, seed=cfg.train.seed,
+        image_size={"shortest_edge": cfg.data.min_pixels, "longest_edge": cfg.data.max_pixels})
 
 
 def build_setup(cfg: Config, device: torch.device, student_source: str | None = None) -> Setup:
@@ -62,15 +104,14 @@ def build_setup(cfg: Config, device: torch.device, student_source: str | None = 
     if cfg.model.freeze_vision:
         base_model(student).model.visual.requires_grad_(False)
     if cfg.model.gradient_checkpointing:
-        model = base_model(student)
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x renamed it
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_gradient_checkpointing(base_model(student))
     student.train()
     eos = eos_token_ids(student, tokenizer)
     banned = banned_token_ids(tokenizer, s_rows, eos)
-    rollout = build_rollout(cfg, student, eos, tokenizer.pad_token_id, banned)
+    if cfg.rollout.engine == "vllm":
+        rollout = build_vllm_rollout(cfg, student, tokenizer, image_processor, source, device, bf16, eos, banned)
+    else:
+        rollout = build_rollout(cfg, student, eos, tokenizer.pad_token_id, banned)
     return Setup(student, teacher, tokenizer, image_processor, vocab, eos, banned, train_data, val_data, device, bf16, rollout)
 
 
@@ -88,5 +129,6 @@ def parallelize(cfg: Config, s: Setup, env: DistEnv) -> None:
     replica = replicate(s.student, torch.bfloat16 if s.bf16 else torch.float32)
     student = shard_model(s.student, param_dtype=torch.bfloat16 if s.bf16 else None, device=s.device)
     teacher = shard_model(s.teacher, param_dtype=None, device=s.device) if cfg.distributed.teacher == "fsdp" else None
-    s.rollout = build_rollout(cfg, replica, s.eos_ids, s.tokenizer.pad_token_id, s.banned_ids)
+    if cfg.rollout.engine == "hf":  # a vLLM engine keeps its own weights, loaded from the sharded student
+        s.rollout = build_rollout(cfg, replica, s.eos_ids, s.tokenizer.pad_token_id, s.banned_ids)
     s.parallel = Parallel(env, student, teacher, replica)

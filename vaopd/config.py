@@ -88,7 +88,7 @@ class VLLMConfig:
 @dataclass
 class RolloutConfig:
     # hf: transformers generate on the student itself. vllm: an in-process vLLM engine whose
-    # weights follow the student (needs the vllm extra: README, "vLLM rollout tests").
+    # weights follow the student (needs the vllm extra in its own environment: README, "Three commands").
     engine: Literal["hf", "vllm"] = "hf"
     samples_per_prompt: int = 4
     temperature: float = 0.7

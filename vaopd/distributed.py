@@ -25,6 +25,7 @@ import datetime
 import math
 import os
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -139,15 +140,19 @@ class Parallel:
     replica: nn.Module
 
     @torch.no_grad()
-    def sync_replica(self) -> None:
-        """Copy the sharded student's current weights into ``replica`` (collective: all ranks).
-
-        One tensor is gathered at a time, so the transient memory is the largest tensor in fp32
-        (the embedding), not a second full fp32 copy of the model.
-        """
-        target = self.replica.state_dict()
+    def full_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """The sharded student's ``(state-dict name, full tensor)`` pairs, gathered one tensor at a
+        time, so the transient memory is the largest tensor in fp32 (the embedding), not a second
+        full fp32 copy of the model. Collective: every rank must consume all of them, in order."""
         for name, value in self.student.model.state_dict().items():
-            target[name].copy_(value.full_tensor() if isinstance(value, DTensor) else value)
+            yield name, value.full_tensor() if isinstance(value, DTensor) else value
+
+    @torch.no_grad()
+    def sync_replica(self) -> None:
+        """Copy the sharded student's current weights into ``replica`` (collective: all ranks)."""
+        target = self.replica.state_dict()
+        for name, value in self.full_weights():
+            target[name].copy_(value)
 
 
 def replicate(model: nn.Module, dtype: torch.dtype) -> nn.Module:

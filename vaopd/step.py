@@ -38,7 +38,7 @@ from vaopd.rollout import PromptBatch, encode_prompts, prompt_pixels
 from vaopd.runs import run_dir_of
 from vaopd.scoring import scoring_inputs, teacher_hidden
 
-__all__ = ["Timer", "train_step", "log_rollouts"]
+__all__ = ["Timer", "train_step", "log_rollouts", "refresh_rollout", "release_rollout"]
 
 
 class Timer:
@@ -59,6 +59,27 @@ class Timer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
+
+
+def refresh_rollout(s: Setup) -> None:
+    """Bring the rollout engine's weights to the student's current ones, before sampling.
+
+    An engine with its own copy of the weights (vLLM: ``load_weights``) takes the student's
+    tensors in memory, under torchrun gathered from the shards one at a time on every rank. The
+    HF engine samples from the student itself, or under torchrun from the unsharded replica.
+    """
+    load = getattr(s.rollout, "load_weights", None)
+    if load is not None:
+        load(s.parallel.full_weights() if s.parallel else base_model(s.student).state_dict().items())
+    elif s.parallel is not None:
+        s.parallel.sync_replica()
+
+
+def release_rollout(s: Setup) -> None:
+    """Let an engine that can (vLLM in sleep mode: ``release``) free its memory for training."""
+    release = getattr(s.rollout, "release", None)
+    if release is not None:
+        release()
 
 
 @torch.no_grad()
@@ -117,13 +138,16 @@ def train_step(cfg: Config, s: Setup, optimizer, scheduler, step: int) -> dict:
     if par is None:
         parts = [range(first * K, (first + mb) * K) for first in range(0, P, mb)]
         with timer("rollout"), autocast:
+            refresh_rollout(s)
             tokens, mask = s.rollout.generate(prompts, K)
+            release_rollout(s)
     else:
         parts = [m[par.env.rank] for m in slot_layout(P, K, mb, par.env.world_size)]
         with timer("rollout"), autocast:
-            par.sync_replica()
+            refresh_rollout(s)
             torch.manual_seed(rollout_seed(cfg.train.seed, step, par.env.rank))
             tokens, mask = generate_slots(s.rollout, prompts, [j for part in parts for j in part], K)
+            release_rollout(s)
     ablated = None
     if cfg.loss.method == "va_opd":
         l = cfg.loss

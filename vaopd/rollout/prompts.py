@@ -28,6 +28,8 @@ class PromptBatch:
     input_ids, attention_mask, mm_token_type_ids: ``[N, Lp]`` int64 (mm type 1 at image tokens).
     pixel_values: ``[sum of patches, C * t * p * p]`` float, the images' patches in row order.
     image_grid_thw: ``[N, 3]`` int64 patch grid per image.
+    images: the N PIL images themselves (engines that process images on their own, e.g. vLLM,
+    take these); None for a batch whose pixels were replaced (``with_pixels``).
     """
 
     input_ids: torch.Tensor
@@ -35,6 +37,7 @@ class PromptBatch:
     mm_token_type_ids: torch.Tensor
     pixel_values: torch.Tensor
     image_grid_thw: torch.Tensor
+    images: list[Image.Image] | None = None
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -49,6 +52,7 @@ class PromptBatch:
             input_ids=self.input_ids[rows], attention_mask=self.attention_mask[rows],
             mm_token_type_ids=self.mm_token_type_ids[rows], pixel_values=self.pixel_values[patches.to(self.pixel_values.device)],
             image_grid_thw=self.image_grid_thw[rows],
+            images=None if self.images is None else [self.images[r] for r in rows.tolist()],
         )
 
     def repeat(self, k: int) -> "PromptBatch":
@@ -56,10 +60,11 @@ class PromptBatch:
         return self.select(torch.arange(len(self)).repeat_interleave(k))
 
     def with_pixels(self, pixel_values: torch.Tensor) -> "PromptBatch":
-        return replace(self, pixel_values=pixel_values)
+        return replace(self, pixel_values=pixel_values, images=None)
 
     def to(self, device) -> "PromptBatch":
-        return PromptBatch(**{k: getattr(self, k).to(device) for k in self.__dataclass_fields__})
+        tensors = {k: getattr(self, k).to(device) for k in self.__dataclass_fields__ if k != "images"}
+        return PromptBatch(**tensors, images=self.images)
 
 
 def _processed(images: list[Image.Image], image_processor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,7 +95,7 @@ def encode_prompts(questions: list[str], images: list[Image.Image], tokenizer, i
         input_ids[i, length - len(r):] = torch.tensor(r)
         attention[i, length - len(r):] = 1
     mm = ((input_ids == image_pad) & (attention == 1)).long()
-    return PromptBatch(input_ids, attention, mm, pixel_values, grid)
+    return PromptBatch(input_ids, attention, mm, pixel_values, grid, images=list(images))
 
 
 def prompt_pixels(images: list[Image.Image], image_processor, grid: torch.Tensor) -> torch.Tensor:
@@ -121,7 +126,12 @@ def response_mask(tokens: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:
 
 class RolloutBackend(Protocol):
     """Samples ``k`` responses per prompt. Returns ``tokens [N*k, T]`` int64 (prompt-major rows,
-    padding after the first EOS) and their ``response_mask``."""
+    padding after the first EOS) and their ``response_mask``.
+
+    An engine that keeps its own copy of the weights also has ``load_weights(named_tensors)``
+    (the student's ``(state-dict name, tensor)`` pairs, called before every rollout) and may have
+    ``release()`` (free memory once the rollout is done); ``vaopd.step.refresh_rollout`` calls them.
+    """
 
     def generate(self, prompts: PromptBatch, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         ...
