@@ -95,6 +95,11 @@ def test_two_rank_dcp_damage_is_detected_and_resume_falls_back(tmp_path, monkeyp
                                     "train.keep_checkpoints=5"))
     assert done.returncode == 0, done.stderr[-3000:]
     one, two = run / "checkpoints" / "step_00000001", run / "checkpoints" / "step_00000002"
+    # Rank 0 decides and tells every rank: a second run into the folder stops on both, changing nothing.
+    before = folder_hash(run)
+    again = torchrun(tmp_path, *sets(f"train.run_dir={run}", "train.max_steps=2"))
+    assert again.returncode != 0 and again.stderr.count("already holds a run") == 2, again.stderr[-3000:]
+    assert folder_hash(run) == before
     files = json.loads((two / "manifest.json").read_text())["files"]
     shards = sorted(n for n in files if n.endswith(".distcp"))
     assert len(shards) == 2 and "dcp/.metadata" in files  # rank 0's manifest covers both ranks' shards
