@@ -47,3 +47,10 @@ def test_top_k_reaches_the_hf_engine(tmp_path):
                              setup.image_processor)
     tokens, _ = setup.rollout.generate(prompts, 3)
     assert torch.equal(tokens[0], tokens[1]) and torch.equal(tokens[3], tokens[5])
+
+
+def test_dry_run_shows_the_engine(tmp_path, capsys):
+    assert main(["--dry-run", "--set", "rollout.engine=vllm", "--set", f"train.run_dir={tmp_path / 'run'}"]) == 0
+    out = capsys.readouterr().out
+    assert "engine: vllm" in out and "rollout: in-process vLLM" in out and "vLLM weight copy" in out
+    assert "rollout KV cache" not in out

@@ -70,7 +70,7 @@ def build_plan(cfg: Config) -> str:
     mem = {
         "student weights+grads+AdamW (fp32)": (s_total * 4 + s_train * 12) / gib,
         f"teacher weights ({'bf16' if bf16 else 'fp32'})": t_total * act_bytes / gib,
-        "rollout KV cache": kv / gib,
+        **({"rollout KV cache": kv / gib} if cfg.rollout.engine == "hf" else {"vLLM weight copy": s_total * act_bytes / gib}),
         "micro-batch final hidden states": hidden / gib,
     }
     lines = [
@@ -87,6 +87,10 @@ def build_plan(cfg: Config) -> str:
         f"{P // mb} micro-batch(es) of {mb} prompts; {steps * P / len(train_data):.2f} epochs)",
         f"  method: {cfg.loss.method} (kl {cfg.loss.kl_estimator}, ablation {cfg.loss.ablation if cfg.loss.method == 'va_opd' else 'none'})",
         f"  sequence: prompt ~{prompt_len} tokens + up to {cfg.rollout.max_new_tokens} new",
+        "  rollout: " + ("transformers generate (the KV cache below)" if cfg.rollout.engine == "hf" else
+                         f"in-process vLLM (its weight copy below; its KV cache, not below: what is left of "
+                         f"{cfg.rollout.vllm.gpu_memory_utilization:g} of the GPU, or {cfg.rollout.vllm.kv_cache_gib:g} GiB "
+                         "on a CPU)"),
         "  memory estimate (GiB, excluding activations and allocator slack):",
         *[f"    {k}: {v:.3f}" for k, v in mem.items()],
         f"    total: {sum(mem.values()):.3f}",
