@@ -1,8 +1,8 @@
 """Time of one optimizer step of the tiny default (configs/tiny.yaml), split by phase.
 
 ``pytest bench/bench_train_step.py --benchmark`` times it; with ``--benchmark-disable`` (as in CI)
-it runs the step once as a plain test. The split (rollout, teacher scoring, loss forward+backward,
-optimizer) is printed and stored in the benchmark's ``extra_info``.
+it runs the step once as a plain test. The split (rollout, teacher scoring, student forward, loss
+forward+backward, student backward, optimizer) is printed and stored in the benchmark's ``extra_info``.
 """
 from pathlib import Path
 
@@ -16,7 +16,7 @@ from vaopd.optim import build_optimizer
 from vaopd.step import train_step
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
-PHASES = ("rollout", "teacher", "loss", "optimizer")
+PHASES = ("rollout", "teacher", "student_forward", "loss", "student_backward", "optimizer")
 
 
 @pytest.mark.parametrize("method", ["va_opd", "opd"])

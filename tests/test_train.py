@@ -37,7 +37,7 @@ def test_both_methods_end_to_end(tmp_path, method):
     for r in steps:
         assert r["loss"] > 0 and r["kl"] > 0 and not r["skipped"] and r["tokens_per_s"] > 0
         assert (r["va"] is not None) == (method == "va_opd")
-        assert all(r[f"time_{k}"] > 0 for k in ("rollout", "teacher", "loss", "optimizer"))
+        assert all(r[f"time_{k}"] > 0 for k in ("rollout", "teacher", "student_forward", "loss", "student_backward", "optimizer"))
     vals = [r for r in metrics(result.run_dir) if "val_accuracy" in r]
     assert [v["step"] for v in vals] == [2, 3] and all(0 <= v["val_accuracy"] <= 1 for v in vals)
     ckpts = sorted(p.name for p in (result.run_dir / "checkpoints").iterdir())
@@ -92,6 +92,18 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path):
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
         assert a["va"] == pytest.approx(b["va"], rel=1e-5)
     assert max_diff(state(big.student), state(small.student)) < 1e-5
+
+
+def test_length_buckets_keep_the_step_and_cut_padding(tmp_path):
+    common = ("train.prompts_per_step=4", "train.micro_batch_prompts=2", "train.max_steps=1", "rollout.max_new_tokens=12")
+    plain = train(tiny_config(tmp_path, *common, "train.length_buckets=false", name="plain"))
+    bucketed = train(tiny_config(tmp_path, *common, "train.length_buckets=true", name="buckets"))
+    a, b = plain.history[0], bucketed.history[0]
+    assert a["response_len"] == b["response_len"]  # the same rollouts, grouped differently
+    assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    assert 1 <= b["scoring_padding"] <= a["scoring_padding"]
+    assert max_diff(state(plain.student), state(bucketed.student)) < 1e-5
 
 
 def test_resume_continues_exactly(tmp_path):

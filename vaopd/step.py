@@ -15,12 +15,25 @@ micro-batch holds whole groups (``train.micro_batch_prompts`` prompts, all their
 weights computed inside a micro-batch are then exactly those of the full batch, and every
 micro-batch divides by the step's total ``P`` (``num_prompts=P``). The summed micro-batch
 gradients equal one big batch's gradient, with no cross-micro-batch pass.
+
+Length buckets (``train.length_buckets``, single process). A micro-batch is as wide as its longest
+response, so after the rollout the groups are ordered by their longest response and micro-batches
+take consecutive groups of that order: short groups are no longer padded to a long neighbour's
+width. Only which whole groups share a micro-batch changes, so the invariants above still hold.
+Under torchrun the slots of each micro-batch are fixed before sampling (``slot_layout``). Each
+micro-batch's prompts also drop the left-padding columns none of its rows needs
+(``without_pad_columns``).
+
+Phases (``Timer``): rollout, teacher, student_forward, loss (the fused loss's forward and backward,
+on detached hidden states and head weight), student_backward (the body's backward from those
+gradients), optimizer.
 """
 from __future__ import annotations
 
 import math
 import time
 from contextlib import contextmanager, nullcontext
+from dataclasses import replace
 
 import torch
 import torch.distributed as dist
@@ -42,18 +55,30 @@ __all__ = ["Timer", "train_step", "log_rollouts", "refresh_rollout", "release_ro
 
 
 class Timer:
-    """Wall time per phase; synchronises CUDA so GPU work is charged to its phase."""
+    """Wall time per phase; synchronises CUDA so GPU work is charged to its phase.
+
+    On CUDA also the peak allocated bytes of each phase (``peaks``). ``failed`` names the phase an
+    exception (an out-of-memory error, say) left, so a caller can report where a step broke.
+    """
 
     def __init__(self, device: torch.device):
-        self.device, self.times = device, {}
+        self.device, self.times, self.peaks, self.failed = device, {}, {}, None
 
     @contextmanager
     def __call__(self, name: str):
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
         start = self._now()
         try:
             yield
+        except BaseException:
+            self.failed = name
+            raise
         finally:
             self.times[name] = self.times.get(name, 0.0) + self._now() - start
+            if cuda:
+                self.peaks[name] = max(self.peaks.get(name, 0), torch.cuda.max_memory_allocated(self.device))
 
     def _now(self) -> float:
         if self.device.type == "cuda":
@@ -80,6 +105,17 @@ def release_rollout(s: Setup) -> None:
     release = getattr(s.rollout, "release", None)
     if release is not None:
         release()
+
+
+def without_pad_columns(prompts: PromptBatch) -> PromptBatch:
+    """``prompts`` without the left-padding columns that none of its rows needs.
+
+    ``encode_prompts`` pads every prompt of the step to the step's longest; a micro-batch only
+    needs its own longest. Positions count valid tokens only, so the scores are unchanged.
+    """
+    cut = prompts.input_ids.shape[1] - int(prompts.attention_mask.sum(1).max())
+    return replace(prompts, input_ids=prompts.input_ids[:, cut:], attention_mask=prompts.attention_mask[:, cut:],
+                   mm_token_type_ids=prompts.mm_token_type_ids[:, cut:])
 
 
 @torch.no_grad()
@@ -122,10 +158,13 @@ def log_rollouts(cfg: Config, s: Setup, step: int, records, prompts: PromptBatch
                    student_logp=logp(s_clean, s_weight), student_ablated_logp=logp(s_abl, s_weight))
 
 
-def train_step(cfg: Config, s: Setup, optimizer, scheduler, step: int) -> dict:
-    """Run optimizer step ``step`` (0-based) and return its metrics (``skipped`` if non-finite)."""
+def train_step(cfg: Config, s: Setup, optimizer, scheduler, step: int, timer: Timer | None = None) -> dict:
+    """Run optimizer step ``step`` (0-based) and return its metrics (``skipped`` if non-finite).
+
+    ``timer``: pass one to keep the phase times (and CUDA peaks) of a step that raises.
+    """
     P, K = cfg.train.prompts_per_step, cfg.rollout.samples_per_prompt
-    timer = Timer(s.device)
+    timer = timer or Timer(s.device)
     start = time.perf_counter()
     autocast = torch.autocast(s.device.type, dtype=torch.bfloat16) if s.bf16 else nullcontext()
     records = [s.train_data.records[i] for i in step_indices(step, P, len(s.train_data), cfg.train.seed)]
@@ -136,18 +175,24 @@ def train_step(cfg: Config, s: Setup, optimizer, scheduler, step: int) -> dict:
     # Global slots (prompt * K + sample) of each micro-batch: all of them on one process, this
     # rank's share under torchrun (vaopd.distributed: groups may continue on a neighbour rank).
     if par is None:
-        parts = [range(first * K, (first + mb) * K) for first in range(0, P, mb)]
         with timer("rollout"), autocast:
             refresh_rollout(s)
             tokens, mask = s.rollout.generate(prompts, K)
             release_rollout(s)
+        groups = list(range(P))
+        if cfg.train.length_buckets and mb < P:  # see "Length buckets" above
+            longest = mask.sum(1).view(P, K).max(1).values.tolist()
+            groups.sort(key=lambda g: longest[g])
+        parts = [[g * K + i for g in groups[first:first + mb] for i in range(K)] for first in range(0, P, mb)]
     else:
-        parts = [m[par.env.rank] for m in slot_layout(P, K, mb, par.env.world_size)]
+        parts = [list(m[par.env.rank]) for m in slot_layout(P, K, mb, par.env.world_size)]
         with timer("rollout"), autocast:
             refresh_rollout(s)
             torch.manual_seed(rollout_seed(cfg.train.seed, step, par.env.rank))
             tokens, mask = generate_slots(s.rollout, prompts, [j for part in parts for j in part], K)
             release_rollout(s)
+    # Rows of tokens/mask are this process's slots in ascending order (all of them on one process).
+    row_of = {j: r for r, j in enumerate(sorted(j for part in parts for j in part))}
     ablated = None
     if cfg.loss.method == "va_opd":
         l = cfg.loss
@@ -164,37 +209,51 @@ def train_step(cfg: Config, s: Setup, optimizer, scheduler, step: int) -> dict:
                         temperature=cfg.loss.weight_temperature, high_fraction=cfg.loss.high_fraction,
                         high_weight=cfg.loss.high_weight, backend=cfg.loss.backend, chunk_size=cfg.loss.chunk_size or None)
     truncated = ~(torch.isin(tokens, torch.tensor(s.eos_ids)) & mask.bool()).any(dim=1)  # no EOS among the valid tokens
-    sums: dict[str, float] = {"truncated": float(truncated.sum())}
+    # Padding: rollout positions per valid response token, and scored (prompt + response)
+    # positions per valid one in the teacher's and student's passes.
+    sums: dict[str, float] = {"truncated": float(truncated.sum()), "rollout_positions": float(mask.numel()),
+                              "scored_positions": 0.0, "scored_valid": 0.0}
     loss_total = 0.0
-    row = 0  # this process's rows of tokens/mask are its slots in order
     for part in parts:
         owner = [j // K for j in part]  # the prompt (= sibling group id) of each row
-        rows = torch.arange(row, row + len(part))
-        row += len(part)
+        rows = torch.tensor([row_of[j] for j in part])
         m_mask = mask[rows]
         width = int(m_mask.sum(1).max())  # trim padding columns shared by the whole micro-batch
         m_tokens, m_mask = tokens[rows, :width].to(s.device), m_mask[:, :width].to(s.device)
-        m_prompts = prompts.select(owner).to(s.device)
+        m_prompts = without_pad_columns(prompts.select(owner)).to(s.device)
         m_ablated = ablated.select(owner).pixel_values.to(s.device) if ablated is not None else None
         group_ids = torch.tensor(owner, device=s.device)
         with timer("teacher"):
             t_hidden, t_ablated = teacher_hidden(teacher, m_prompts, m_ablated, m_tokens, m_mask)
             # A sharded teacher's root stays gathered after its forward: this is the full weight.
             t_weight = base_model(s.teacher).get_output_embeddings().weight
-        with timer("loss"):
-            lp = m_prompts.input_ids.shape[1]
+        lp = m_prompts.input_ids.shape[1]
+        sums["scored_positions"] += m_mask.numel() + m_prompts.attention_mask.numel()
+        sums["scored_valid"] += float(m_mask.sum() + m_prompts.attention_mask.sum())
+        with timer("student_forward"):
             with autocast:
                 if par is None:
                     s_hidden = body(**scoring_inputs(m_prompts, m_tokens, m_mask)).last_hidden_state[:, lp - 1:]
                 else:
                     s_hidden, s_weight = par.student(**scoring_inputs(m_prompts, m_tokens, m_mask))
                     s_hidden = s_hidden[:, lp - 1:]
+            s_hidden, m_weight = s_hidden.to(compute_dtype), s_weight.to(compute_dtype)
+        with timer("loss"):
+            # The loss runs on detached leaves so that its own backward is timed apart from the
+            # student's; their gradients then enter the student's graph in one backward pass.
+            h_leaf = s_hidden.detach().requires_grad_()
+            w_leaf = m_weight.detach().requires_grad_(m_weight.requires_grad)
             # Under torchrun a sibling group may continue on another rank: process_group makes the
             # loss gather the responses' mean VA so the weights are those of the whole micro-batch.
             loss, stats = va_opd_loss(
-                s_hidden.to(compute_dtype), s_weight.to(compute_dtype), t_hidden, t_ablated, t_weight, m_tokens, m_mask,
+                h_leaf, w_leaf, t_hidden, t_ablated, t_weight, m_tokens, m_mask,
                 group_ids, **loss_options, process_group=None if par is None else dist.group.WORLD)
             loss.backward()
+        with timer("student_backward"):
+            roots = [(s_hidden, h_leaf.grad)] + ([(m_weight, w_leaf.grad)] if m_weight.requires_grad else [])
+            torch.autograd.backward([r for r, _ in roots], [g for _, g in roots])
+            # Free this micro-batch's hidden states and gradients before the next teacher pass.
+            del roots, h_leaf, w_leaf, s_hidden, m_weight, t_hidden, t_ablated
         if par is not None and par.teacher is not None:
             par.teacher.reshard()
         loss_total += float(loss.detach())
@@ -230,6 +289,8 @@ def train_step(cfg: Config, s: Setup, optimizer, scheduler, step: int) -> dict:
         "va_max": sums["va_max"] if va else None,
         "response_len": sums["tokens"] / sums["responses"],
         "truncated": sums["truncated"] / sums["responses"],
+        "rollout_padding": sums["rollout_positions"] / sums["tokens"],
+        "scoring_padding": sums["scored_positions"] / sums["scored_valid"],
         "tokens_per_s": sums["tokens"] / elapsed, "grad_norm": grad_norm, "lr": lr, "skipped": skipped,
         "time": elapsed, **{f"time_{k}": v for k, v in timer.times.items()},
         "records": [r.id for r in records],

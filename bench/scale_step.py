@@ -1,0 +1,355 @@
+"""Real trainer steps (``vaopd.step.train_step``) at the paper's scale, timed phase by phase.
+
+    python bench/scale_step.py --preset paper    # GPU: 2B student, 8B teacher, 16 x 4 up to 4,096 tokens, bf16
+    python bench/scale_step.py --preset small    # CPU: small models of the same families, shorter responses
+
+The models are the paper's architectures with random weights (``bench/scale_models.py``: the
+published configurations, Qwen's vocabulary and token ids), built directly on the device. Prompts
+are synthetic image+question records. A random model's answers have no natural end, so every
+response ends at a length drawn from a log-normal model (``LengthModel``: median ``--median``
+tokens, siblings correlated, a long right tail; lengths past ``max_new_tokens`` end truncated); the
+real ``generate`` loop still runs every decode step, so the rollout costs what it would.
+
+Printed and written to ``--out`` (``bench/out/scale_step``) as JSON and markdown: time per step
+and its phases (rollout, teacher scoring, student forward, the fused loss forward+backward,
+student backward, optimizer, other), valid response tokens per second, padding (positions computed
+per valid token, in the rollout and in the scoring passes), peak memory, and the padding expected
+at the preset's shape with and without length buckets (simulated from the length model).
+
+``--budget-s`` bounds the whole run: after the warm-up and a calibration step at
+``--calib-tokens``, each measured step runs at the largest ``max_new_tokens`` (halving from the
+preset's) predicted to fit what is left, and says when it capped; an alarm stops a step that
+overruns. An out-of-memory error or the alarm ends the run with the phase it hit and the results
+so far.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from scale_models import ForcedLengths, LengthModel, build_model, build_tokenizer, synthetic_records  # noqa: E402
+
+from vaopd.build import Setup, build_rollout  # noqa: E402
+from vaopd.config import load_config  # noqa: E402
+from vaopd.data import Dataset  # noqa: E402
+from vaopd.models import (attn_implementation, check_vocabularies, enable_gradient_checkpointing,  # noqa: E402
+                          eos_token_ids, use_bf16)
+from vaopd.optim import build_optimizer  # noqa: E402
+from vaopd.rollout import banned_token_ids, encode_prompts  # noqa: E402
+from vaopd.step import Timer, train_step  # noqa: E402
+from vaopd.tiny import build_image_processor  # noqa: E402
+
+PRESETS = {
+    # The paper recipe (configs/qwen3vl_2b_from_8b.yaml): 16 prompts x 4 responses, up to 4,096 new
+    # tokens, micro-batches of 2 groups, gradient checkpointing, bf16, pixel bounds 512^2..2048^2.
+    "paper": dict(student="qwen3-vl-2b", teacher="qwen3-vl-8b", prompts=16, k=4, max_new_tokens=4096, micro=2,
+                  checkpointing=True, precision="bf16", side=(200, 700), min_pixels=512 * 512, max_pixels=2048 * 2048,
+                  median=600.0, top_p=0.95),
+    # CPU size: same families and shape ratios, the real vocabulary, responses scaled down with the
+    # cap (median 600/4096 of it). top-p 1: a CPU spends seconds per decode step sorting 151,936
+    # logits per row (a GPU, about a millisecond), which would drown everything else.
+    "small": dict(student="small-student", teacher="small-teacher", prompts=4, k=4, max_new_tokens=64, micro=2,
+                  checkpointing=False, precision="fp32", side=(48, 160), min_pixels=32 * 32, max_pixels=160 * 160,
+                  median=10.0, top_p=1.0),
+    # The test's: one step in seconds.
+    "smoke": dict(student="small-student", teacher="small-teacher", prompts=2, k=2, max_new_tokens=8, micro=1,
+                  checkpointing=False, precision="fp32", side=(32, 64), min_pixels=32 * 32, max_pixels=64 * 64,
+                  median=3.0, top_p=1.0),
+}
+PHASES = ("rollout", "teacher", "student_forward", "loss", "student_backward", "optimizer")
+PROMPT_SIGMA, SAMPLE_SIGMA = 0.6, 0.5
+
+
+class Deadline(Exception):
+    """The run's time budget ran out."""
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", choices=sorted(PRESETS), default="small")
+    p.add_argument("--steps", type=int, default=2, help="measured steps (per bucket setting)")
+    p.add_argument("--warmup", type=int, default=1, help="warm-up steps at --warmup-tokens (not reported as measured)")
+    p.add_argument("--warmup-tokens", type=int, default=32)
+    p.add_argument("--calib-tokens", type=int, default=256, help="with --budget-s: a calibration step at this cap")
+    p.add_argument("--max-new-tokens", type=int, default=0, help="0: the preset's")
+    p.add_argument("--micro-batch-prompts", type=int, default=0, help="0: the preset's")
+    p.add_argument("--median", type=float, default=0.0, help="median response length; 0: the preset's")
+    p.add_argument("--buckets", choices=["on", "off", "both"], default="both",
+                   help="train.length_buckets; both: each measured step runs off, then on, on the same data and lengths")
+    p.add_argument("--attn", default="auto", choices=["auto", "sdpa", "flash_attention_2", "eager"])
+    p.add_argument("--budget-s", type=float, default=0.0, help="stop before this many seconds (0: no limit)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "out" / "scale_step"))
+    return p.parse_args(argv)
+
+
+def build(args, preset: dict, lengths: LengthModel):
+    """The trainer's config and ``Setup`` for the preset's random-weight models."""
+    overrides = [f"train.device={args.device}", f"train.precision={preset['precision']}",
+                 f"train.prompts_per_step={preset['prompts']}", f"train.micro_batch_prompts={preset['micro']}",
+                 f"rollout.samples_per_prompt={preset['k']}", f"rollout.max_new_tokens={preset['max_new_tokens']}",
+                 f"rollout.top_p={preset['top_p']}",
+                 f"model.gradient_checkpointing={str(preset['checkpointing']).lower()}",
+                 f"model.attn_implementation={args.attn}", f"data.min_pixels={preset['min_pixels']}",
+                 f"data.max_pixels={preset['max_pixels']}", "data.val=", "log.progress=false", f"train.seed={args.seed}",
+                 f"train.run_dir={Path(args.out) / 'run'}", "data.instruction=", "optim.lr=1e-6", "optim.warmup_ratio=0"]
+    cfg = load_config(None, overrides)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    bf16 = use_bf16(cfg, device)
+    impl = attn_implementation(cfg)
+    tokenizer = build_tokenizer()
+    image_processor = build_image_processor(cfg.data.min_pixels, cfg.data.max_pixels)
+    # As the trainer loads them: a trainable student in fp32 (bf16 autocast computes), a bf16 teacher.
+    student = build_model(preset["student"], device, torch.float32, impl, seed=args.seed)
+    teacher = build_model(preset["teacher"], device, torch.bfloat16 if bf16 else torch.float32, impl, seed=args.seed + 1)
+    teacher.eval().requires_grad_(False)
+    rows = student.get_output_embeddings().weight.shape[0]
+    vocab = check_vocabularies(tokenizer, tokenizer, rows, teacher.get_output_embeddings().weight.shape[0])
+    if cfg.model.gradient_checkpointing:
+        enable_gradient_checkpointing(student)
+    student.train()
+    eos = eos_token_ids(student, tokenizer)
+    banned = banned_token_ids(tokenizer, rows, eos)
+    forced = ForcedLengths(student, lengths, eos, cfg.rollout.samples_per_prompt)
+    rollout = build_rollout(cfg, forced, eos, tokenizer.pad_token_id, banned)
+    records = synthetic_records(cfg.train.prompts_per_step * 8, preset["side"], seed=args.seed)
+    s = Setup(student, teacher, tokenizer, image_processor, vocab, eos, banned, Dataset(records, source="synthetic"),
+              None, device, bf16, rollout)
+    return cfg, s, forced, impl
+
+
+def simulate_padding(lengths: LengthModel, K: int, mb: int, cap: int, prompt_lens: list[int], buckets: bool,
+                     trim: bool, steps: int = 200) -> float:
+    """Expected scored positions per valid position (prompt + response) of a step's micro-batches,
+    over ``steps`` draws of the length model with the step's prompt lengths ``prompt_lens``.
+
+    ``buckets``: groups ordered by their longest response (``train.length_buckets``); ``trim``:
+    prompts padded to the micro-batch's longest instead of the step's (``without_pad_columns``).
+    """
+    sim = LengthModel(lengths.median, lengths.prompt_sigma, lengths.sample_sigma, seed=999)
+    P = len(prompt_lens)
+    prompt = torch.tensor(prompt_lens, dtype=torch.float64)
+    computed = valid = 0.0
+    for _ in range(steps):
+        n = sim.draw(P, K).clamp(max=cap).view(P, K).double()
+        order = sorted(range(P), key=lambda g: float(n[g].max())) if buckets and mb < P else list(range(P))
+        for first in range(0, P, mb):
+            groups = order[first:first + mb]
+            width = float(prompt[groups].max() if trim else prompt.max()) + float(n[groups].max())
+            computed += len(groups) * K * width
+            valid += K * float(prompt[groups].sum()) + float(n[groups].sum())
+    return computed / valid
+
+
+def peak_gib(timer: Timer, device: torch.device) -> float:
+    if device.type == "cuda":
+        return max(timer.peaks.values(), default=0) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # process peak RSS (KiB on Linux)
+
+
+def run_one(cfg, s, optimizer, scheduler, forced: ForcedLengths, step: int, label: str, cap: int, buckets: bool,
+            seed: int) -> dict:
+    """One real trainer step; the row of the table (``error`` and partial times if it failed)."""
+    s.rollout.max_new_tokens = cap
+    cfg.train.length_buckets = buckets
+    torch.manual_seed(seed * 7919 + step)  # the same step index samples the same tokens and lengths
+    forced.lengths.reseed(step)
+    forced.drawn.clear()
+    timer = Timer(s.device)
+    row = dict(run=label, step=step + 1, cap=cap, buckets=buckets)
+    start = time.perf_counter()
+    try:
+        m = train_step(cfg, s, optimizer, scheduler, step, timer=timer)
+    except (torch.OutOfMemoryError, Deadline, RuntimeError) as e:
+        optimizer.zero_grad(set_to_none=True)
+        kind = "out of memory" if isinstance(e, torch.OutOfMemoryError) else type(e).__name__
+        row.update(error=f"{kind} in the {timer.failed or 'setup'} phase: {str(e).splitlines()[0][:200]}",
+                   time=time.perf_counter() - start, **{f"time_{k}": v for k, v in timer.times.items()})
+        if s.device.type == "cuda":
+            torch.cuda.empty_cache()
+    else:
+        drawn = torch.cat(forced.drawn) if forced.drawn else torch.zeros(1)
+        row.update({k: m[k] for k in ("time", "tokens_per_s", "response_len", "truncated", "rollout_padding",
+                                      "scoring_padding", "loss", "grad_norm", "skipped")},
+                   **{f"time_{k}": m.get(f"time_{k}", 0.0) for k in PHASES},
+                   tokens=m["response_len"] * cfg.train.prompts_per_step * cfg.rollout.samples_per_prompt,
+                   longest=int(drawn.clamp(max=cap).max()), drawn_mean=float(drawn.clamp(max=cap).float().mean()))
+        row["time_other"] = row["time"] - sum(row[f"time_{k}"] for k in PHASES)
+        row["rollout_tokens_per_s"] = row["tokens"] / max(row["time_rollout"], 1e-9)
+    row["peak_gib"] = peak_gib(timer, s.device)
+    row["phase_peak_gib"] = {k: v / 2**30 for k, v in timer.peaks.items()}
+    return row
+
+
+def predict_s(cal: dict, cap: int, lengths: LengthModel, prompt_len: float) -> float:
+    """Predicted time of a step at ``cap`` from the calibration step ``cal`` (conservative).
+
+    Rollout: decode positions scale with the batch's longest response (~ the cap), and a decode
+    step costs more as the KV cache grows (assumed factor ``1 + L / 4096``: reading and re-copying
+    the cache). Scoring: positions scale with the prompt plus the mean response; attention adds ~20%.
+    """
+    cal_len = cal["longest"]
+    rollout = cal["time_rollout"] / cal_len * cap * (1 + cap / 4096) / (1 + cal_len / 4096)
+    scoring = sum(cal[f"time_{k}"] for k in ("teacher", "student_forward", "loss", "student_backward"))
+    scoring *= (prompt_len + lengths.mean(cap)) / (prompt_len + cal["response_len"]) * 1.2
+    return 1.15 * (rollout + scoring + cal["time_optimizer"] + max(cal["time_other"], 0.0))
+
+
+def fmt_row(r: dict) -> str:
+    if "error" in r:
+        done = ", ".join(f"{k[5:]} {v:.1f}s" for k, v in r.items() if k.startswith("time_"))
+        return f"| {r['run']} | {r['cap']} | {'on' if r['buckets'] else 'off'} | FAILED: {r['error']} ({done}) |"
+    t = r["time"]
+    shares = " | ".join(f"{r[f'time_{k}']:.2f} ({r[f'time_{k}'] / t:.0%})" for k in (*PHASES, "other"))
+    return (f"| {r['run']} | {r['cap']} | {'on' if r['buckets'] else 'off'} | {t:.2f} | {shares} | {r['response_len']:.0f} / "
+            f"{r['longest']} | {r['truncated']:.0%} | {r['tokens_per_s']:.3g} | {r['rollout_tokens_per_s']:.3g} | "
+            f"{r['rollout_padding']:.2f} | {r['scoring_padding']:.2f} | {r['peak_gib']:.1f} |")
+
+
+HEADER = ("| run | max new | buckets | step s | rollout s | teacher s | student fwd s | loss fwd+bwd s | student bwd s | "
+          "optimizer s | other s | mean / longest response | truncated | tokens/s | rollout tokens/s | rollout padding | "
+          "scoring padding | peak GiB |\n|" + "---|" * 18)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    preset = dict(PRESETS[args.preset])
+    for key, value in (("max_new_tokens", args.max_new_tokens), ("micro", args.micro_batch_prompts),
+                       ("median", args.median)):
+        if value:
+            preset[key] = value
+    t0 = time.perf_counter()
+    if args.budget_s:
+        def on_alarm(signum, frame):
+            raise Deadline(f"the {args.budget_s:.0f} s budget ran out")
+        signal.signal(signal.SIGALRM, on_alarm)
+        signal.setitimer(signal.ITIMER_REAL, args.budget_s)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    lengths = LengthModel(preset["median"], PROMPT_SIGMA, SAMPLE_SIGMA, seed=args.seed)
+    rows: list[dict] = []
+    notes: list[str] = []
+    info: dict = dict(preset=args.preset, args=vars(args), settings=preset)
+    try:
+        cfg, s, forced, impl = build(args, preset, lengths)
+        info.update(device=torch.cuda.get_device_name(s.device) if s.device.type == "cuda" else
+                    f"CPU ({os.cpu_count()} cores)", torch=torch.__version__, attn=impl, bf16=s.bf16,
+                    build_s=time.perf_counter() - t0,
+                    params={"student": sum(p.numel() for p in s.student.parameters()),
+                            "teacher": sum(p.numel() for p in s.teacher.parameters())})
+        import transformers
+        info["transformers"] = transformers.__version__
+        print(f"built {preset['student']} ({info['params']['student']:,} params, fp32 master weights) and "
+              f"{preset['teacher']} ({info['params']['teacher']:,}, {'bf16' if s.bf16 else 'fp32'}) on {info['device']} "
+              f"in {info['build_s']:.1f} s; attention {impl}", flush=True)
+        P, K, mb = cfg.train.prompts_per_step, cfg.rollout.samples_per_prompt, cfg.train.micro_batch_prompts
+        optimizer, scheduler = build_optimizer(cfg, s.student, 1000)
+        first = encode_prompts([r.question for r in s.train_data.records[:P]], [r.image for r in s.train_data.records[:P]],
+                               s.tokenizer, s.image_processor)
+        prompt_lens = first.attention_mask.sum(1).tolist()
+        prompt_len = sum(prompt_lens) / len(prompt_lens)
+        cap = preset["max_new_tokens"]
+        info["expected_scoring_padding"] = {
+            "before": simulate_padding(lengths, K, mb, cap, prompt_lens, buckets=False, trim=False),
+            "trim": simulate_padding(lengths, K, mb, cap, prompt_lens, buckets=False, trim=True),
+            "after": simulate_padding(lengths, K, mb, cap, prompt_lens, buckets=True, trim=True),
+            "prompt_tokens": [min(prompt_lens), prompt_len, max(prompt_lens)], "mean_response_tokens": lengths.mean(cap)}
+        step, ok = 0, True
+
+        def go(label: str, at_cap: int, buckets: bool) -> bool:
+            rows.append(run_one(cfg, s, optimizer, scheduler, forced, step, label, at_cap, buckets, args.seed))
+            print(fmt_row(rows[-1]), flush=True)
+            return "error" not in rows[-1]
+
+        for _ in range(args.warmup):
+            ok = go("warm-up", min(args.warmup_tokens, cap), True)
+            step += 1
+            if not ok:
+                break
+        cal = None
+        if ok and args.budget_s and args.calib_tokens < cap:
+            ok = go("calibration", args.calib_tokens, True)
+            cal = rows[-1] if ok else None
+            step += 1
+        settings = {"on": [True], "off": [False], "both": [False, True]}[args.buckets]
+        for _ in range(args.steps if ok else 0):
+            run_cap = cap if cal is None else choose_cap(cal, cap, args, lengths, prompt_len, len(settings), t0, notes)
+            if run_cap is None:
+                break
+            for buckets in settings:
+                ok = go("measured", run_cap, buckets)
+                if not ok:
+                    break
+            step += 1
+            if not ok:
+                break
+    except Deadline as e:
+        notes.append(f"stopped early: {e}")
+    except torch.OutOfMemoryError as e:
+        notes.append(f"out of memory outside a step: {str(e).splitlines()[0][:200]}")
+    finally:
+        if args.budget_s:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+    info.update(total_s=time.perf_counter() - t0, notes=notes, rows=rows)
+    report(info, out)
+    return 0 if any(r["run"] == "measured" and "error" not in r for r in rows) else 1
+
+
+def choose_cap(cal: dict, cap: int, args, lengths: LengthModel, prompt_len: float, runs: int, t0: float,
+               notes: list[str]) -> int | None:
+    """The largest cap (halving from ``cap``) whose ``runs`` steps are predicted to fit the budget."""
+    left = args.budget_s - (time.perf_counter() - t0) - 10
+
+    def need(c: int) -> float:
+        return runs * predict_s(cal, c, lengths, prompt_len)
+
+    run_cap = cap
+    while run_cap > args.calib_tokens and need(run_cap) > left:
+        run_cap //= 2
+    if need(run_cap) > left:
+        notes.append(f"stopped: {runs} step(s) at {run_cap} new tokens are predicted to take {need(run_cap):.0f} s, "
+                     f"{left:.0f} s are left")
+        print(notes[-1], flush=True)
+        return None
+    if run_cap < cap:
+        notes.append(f"capped max_new_tokens {cap} -> {run_cap} to fit the {args.budget_s:.0f} s budget "
+                     f"(predicted {need(run_cap):.0f} s, {left:.0f} s left)")
+        print(notes[-1], flush=True)
+    return run_cap
+
+
+def report(info: dict, out: Path) -> None:
+    lines = [f"# Scale step: preset {info['preset']}", "",
+             f"{info.get('device', '?')}, torch {info.get('torch', '?')}, transformers {info.get('transformers', '?')}, "
+             f"attention {info.get('attn', '?')}; build {info.get('build_s', 0):.1f} s, run {info['total_s']:.1f} s.",
+             f"Settings: {json.dumps(info['settings'])}", "", HEADER]
+    lines += [fmt_row(r) for r in info["rows"]]
+    pad = info.get("expected_scoring_padding")
+    if pad:
+        lo, mean, hi = pad["prompt_tokens"]
+        lines += ["", f"Expected scoring padding at this shape (200 simulated steps of the length model, mean response "
+                      f"{pad['mean_response_tokens']:.0f} tokens, prompts {lo:.0f}/{mean:.0f}/{hi:.0f} min/mean/max): "
+                      f"step-wide prompt padding, no buckets {pad['before']:.2f}; prompts trimmed per micro-batch "
+                      f"{pad['trim']:.2f}; trimmed and length buckets {pad['after']:.2f}."]
+    lines += [f"Note: {n}" for n in info["notes"]]
+    text = "\n".join(lines)
+    print("\n" + text, flush=True)
+    (out / f"{info['preset']}.md").write_text(text + "\n", encoding="utf-8")
+    (out / f"{info['preset']}.json").write_text(json.dumps(info, indent=1, default=str) + "\n", encoding="utf-8")
+    print(f"written to {out}/{info['preset']}.md and .json", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

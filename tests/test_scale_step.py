@@ -1,0 +1,40 @@
+"""bench/scale_step.py: the embedded architectures are the published ones, the tokenizer has Qwen's
+layout, and a minimal preset runs one real trainer step with the drawn response lengths."""
+import json
+
+import torch
+from transformers import Qwen3VLForConditionalGeneration
+
+from scale_models import QWEN_TOKENS, build_tokenizer, model_config
+from scale_step import PHASES, main
+
+
+def test_paper_architectures_have_the_published_parameter_counts():
+    # The totals Hugging Face reports for Qwen/Qwen3-VL-2B-Instruct and Qwen/Qwen3-VL-8B-Instruct.
+    for arch, params, tied in (("qwen3-vl-2b", 2_127_532_032, True), ("qwen3-vl-8b", 8_767_123_696, False)):
+        with torch.device("meta"):
+            model = Qwen3VLForConditionalGeneration._from_config(model_config(arch))
+        assert sum(p.numel() for p in model.parameters()) == params
+        assert model.get_output_embeddings().weight.shape[0] == 151_936
+        assert (model.get_output_embeddings().weight is model.get_input_embeddings().weight) == tied
+
+
+def test_tokenizer_has_qwens_layout():
+    tok = build_tokenizer()
+    assert len(tok) == 151_669
+    assert [tok.convert_tokens_to_ids(name) for name, _ in QWEN_TOKENS] == list(range(151_643, 151_669))
+    assert (tok.eos_token_id, tok.pad_token_id) == (151_645, 151_643)
+    text = tok.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Find x."}]}],
+                                   tokenize=False, add_generation_prompt=True)
+    assert "<|vision_start|><|image_pad|><|vision_end|>Find x.<|im_end|>" in text and text.endswith("assistant\n")
+
+
+def test_one_step_of_the_smoke_preset(tmp_path):
+    assert main(["--preset", "smoke", "--steps", "1", "--warmup", "0", "--buckets", "on", "--out", str(tmp_path)]) == 0
+    info = json.loads((tmp_path / "smoke.json").read_text())
+    [row] = info["rows"]
+    assert "error" not in row and not row["skipped"]
+    assert all(row[f"time_{k}"] > 0 for k in PHASES)
+    assert row["response_len"] == row["drawn_mean"]  # every response ended at its drawn length (or the cap)
+    assert row["rollout_padding"] >= 1 and row["scoring_padding"] >= 1
+    assert (tmp_path / "smoke.md").read_text().count("| measured |") == 1
