@@ -48,6 +48,7 @@ def _import_vllm():
     # In-process engine core: the weights can then be handed over as tensors (collective_rpc
     # cannot carry tensors to a separate engine process) and start-up takes seconds, not ~25 s.
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")  # a trainer does not report usage to vLLM's server
     import vllm
     from vllm.model_executor.models import registry
 
