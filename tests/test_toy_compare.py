@@ -6,7 +6,7 @@ import yaml
 
 from vaopd.tiny import build_image_processor, build_model, build_tokenizer
 from vaopd.config import load_config
-from vaopd.toy.compare import CONFIGS, Settings, run, settings_for
+from vaopd.toy.compare import CONFIGS, Settings, run, settings_for, sweep
 from vaopd.toy.sft import load_split, train_sft
 from vaopd.toy.task import write_splits
 
@@ -64,3 +64,8 @@ def test_comparison_pipeline_smoke(tmp_path):
     page = (tmp_path / "inspect" / "index.html").read_text()
     assert "va_opd_s0 (va_opd)" in page and "opd_s0 (opd)" in page and 'class="tok high"' in page
     assert (tmp_path / "inspect" / "curves.png").is_file()
+    # The learning-rate sweep: OPD alone per learning rate, reusing the data, models and starting point.
+    swept = sweep(tmp_path, Settings(**{**saved["settings"], "sweep_lrs": [1e-4, 5e-5]}))
+    assert [r["lr"] for r in swept["rows"]] == [1e-4, 5e-5] and swept["chosen_lr"] in (1e-4, 5e-5)
+    assert {r["method"] for r in swept["runs"]} == {"opd"} and (tmp_path / "sweep" / "opd_lr0.0001_s0").is_dir()
+    assert "chosen lr" in (tmp_path / "sweep.md").read_text()
