@@ -19,9 +19,11 @@ python3 -c "import vaopd.kernels" 2>/dev/null || ln -sfn ../kernels vaopd/kernel
 export PYTHONUNBUFFERED=1 VAOPD_BENCH_OUT="$out" PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/device.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/device.txt"
-python3 bench/gpu_correctness.py 2>&1 | tee "$out/correctness.txt"
+# Each phase has its own time cap so the whole script fits one ~9-minute device call; the most
+# important output (correctness, then the loss table) runs first.
+timeout -k 5 80 python3 bench/gpu_correctness.py 2>&1 | tee "$out/correctness.txt"
 status=${PIPESTATUS[0]}
+timeout -k 5 220 python3 -m pytest bench/bench_loss.py bench/bench_objective.py --benchmark -q -p no:cacheprovider "$@" 2>&1 | tee "$out/bench.txt"
 timeout -k 10 185 python3 bench/scale_step.py --preset paper --warmup 1 --steps 1 --buckets on --budget-s 170 --out "$out/scale_step" 2>&1 | tee "$out/scale_step.txt"
-python3 bench/gpu_tune.py ${VAOPD_TUNE_KERNELS:+--kernels} 2>&1 | tee "$out/tune.txt"
-python3 -m pytest bench/bench_loss.py bench/bench_objective.py --benchmark -q -p no:cacheprovider "$@" 2>&1 | tee "$out/bench.txt"
-exit $(( status || PIPESTATUS[0] ))
+timeout -k 5 45 python3 bench/gpu_tune.py ${VAOPD_TUNE_KERNELS:+--kernels} 2>&1 | tee "$out/tune.txt"
+exit $status
