@@ -6,19 +6,7 @@
 # Needs torch, triton, transformers, pytest, pytest-benchmark; liger-kernel may come as a wheel in
 # .whl/ (the GPU machine has no network).
 set -uo pipefail
-cd "$(dirname "$0")/.."
-out="${OUT:-bench/out}"
-mkdir -p "$out"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/vaopd-site .whl/*.whl && export PYTHONPATH="/tmp/vaopd-site${PYTHONPATH:+:$PYTHONPATH}"
-fi
-# kernels/ is importable as vaopd.kernels once the project is installed (setup.py maps it); install
-# in place, offline and without dependencies, or link it into the package on this disposable copy.
-python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >/dev/null 2>&1
-python3 -c "import vaopd.kernels" 2>/dev/null || ln -sfn ../kernels vaopd/kernels
-export PYTHONUNBUFFERED=1 VAOPD_BENCH_OUT="$out" PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/device.txt"
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/device.txt"
+source "$(dirname "$0")/gpu_env.sh"
 # Each phase has its own time cap so the whole script fits one ~9-minute device call; the most
 # important output (correctness, then the loss table) runs first.
 timeout -k 5 80 python3 bench/gpu_correctness.py 2>&1 | tee "$out/correctness.txt"

@@ -72,10 +72,11 @@ def check_tokens(tokens: torch.Tensor, mask: torch.Tensor | None, vocab_size: in
         raise ValueError(f"tokens must have shape {list(shape)}, got {tuple(tokens.shape)}")
     if tokens.device != device:
         raise ValueError(f"tokens is on {tokens.device} but the hidden states are on {device}")
-    valid = tokens if mask is None else tokens[mask]
-    bad = (valid < 0) | (valid >= vocab_size)
+    bad = (tokens < 0) | (tokens >= vocab_size)
+    if mask is not None:
+        bad &= mask  # not tokens[mask]: a mask index is one more wait on the device
     if bad.any():
-        raise ValueError(f"tokens holds id {int(valid[bad][0])} at a valid position: ids must be in [0, vocab_size={vocab_size})")
+        raise ValueError(f"tokens holds id {int(tokens[bad][0])} at a valid position: ids must be in [0, vocab_size={vocab_size})")
 
 
 def check_loss_inputs(

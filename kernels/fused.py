@@ -49,7 +49,7 @@ from typing import Callable
 
 import torch
 
-from vaopd.objective import loss_coefficients, visual_advantage
+from vaopd.objective import loss_coefficients, va_opd_coefficients_nosync, visual_advantage
 
 from . import torch_ops
 from .checks import check_linear, check_loss_inputs, check_tokens, resolve_vocab_size
@@ -609,33 +609,82 @@ def pack_groups(lengths: list[int], group_ids: list[int], budget: int) -> list[l
 
 def _row_order(mask: torch.Tensor, responses: list[int], lengths: list[int]) -> torch.Tensor | None:
     """Flat ``[B * T]`` indices of the valid tokens of ``responses`` in order, or None when that is
-    every position in batch order (the rows are then plain views, no copies)."""
+    every position in batch order (the rows are then plain views, no copies). ``mask`` is the host
+    copy: the indices are worked out on the CPU, where their data-dependent size costs no wait."""
     batch, width = mask.shape
     if responses == list(range(batch)) and sum(lengths) == batch * width:
         return None
-    index = torch.tensor(responses, dtype=torch.long, device=mask.device)
-    flat = index[:, None] * width + torch.arange(width, device=mask.device)
+    index = torch.tensor(responses, dtype=torch.long)
+    flat = index[:, None] * width + torch.arange(width)
     return flat.masked_select(mask.index_select(0, index))
 
 
-def _pack_coefficients(packs, mask, group_ids, va_rows, coef_rows, *, num_prompts, temperature, high_fraction, high_weight) -> Coefficients:
+def _upload(tensors: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """CPU tensors of one dtype onto ``device`` in one copy that the host does not wait for (from
+    pinned memory on CUDA): views of one buffer, shaped like ``tensors``."""
+    if not tensors:
+        return []
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    if device.type == "cuda":
+        flat = flat.pin_memory()
+    flat = flat.to(device, non_blocking=True)
+    return [part.view(t.shape) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+
+
+@dataclass
+class PackLayout:
+    """One packed chunk's responses as ``vaopd.objective.va_opd_coefficients_nosync`` takes them.
+
+    Tensors are int64: ``members [b]`` (batch indices, in row order), ``where [rows]`` (each row's
+    flat position in the chunk's ``[b, T]`` layout), ``lengths [b]`` (valid tokens) and
+    ``group_index [b]`` (dense sibling-group indices); ``groups`` and ``top_k`` (the longest
+    response's length) are host ints.
+    """
+
+    members: torch.Tensor
+    where: torch.Tensor
+    lengths: torch.Tensor
+    group_index: torch.Tensor
+    groups: int
+    top_k: int
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.members, self.where, self.lengths, self.group_index]
+
+
+def pack_layouts(packs: list[list[int]], mask: torch.Tensor, group_ids: torch.Tensor) -> list[PackLayout]:
+    """The ``PackLayout`` of each pack, on the CPU, from the host copies of the ``[B, T]`` bool
+    ``mask`` and ``[B]`` int64 ``group_ids``: whatever the coefficients need to know about the
+    layout is known before the chunk loop, which then never waits on the device."""
+    layouts = []
+    for pack in packs:
+        members = torch.tensor(pack, dtype=torch.long)
+        sub_mask = mask.index_select(0, members)
+        lengths = sub_mask.sum(dim=1)
+        _, group_index = torch.unique(group_ids.index_select(0, members), return_inverse=True)
+        where = sub_mask.reshape(-1).nonzero().squeeze(1)
+        layouts.append(PackLayout(members, where, lengths, group_index, int(group_index.max()) + 1, int(lengths.max())))
+    return layouts
+
+
+def _pack_coefficients(layouts, mask, coef_rows, *, num_prompts, temperature, high_fraction, high_weight) -> Coefficients:
     """Coefficients of one packed chunk from its own teacher log-probs (``vaopd.objective``, on the
-    chunk's responses: whole sibling groups, so the weights are those of the whole batch).
-    Also writes the chunk's visual advantage and coefficients (before ``/ num_prompts``) into
-    ``va_rows`` and ``coef_rows``, for the stats."""
+    chunk's responses: whole sibling groups, so the weights are those of the whole batch), laid
+    out by the chunk's ``PackLayout`` (device tensors): no host-device synchronisation.
+    Also writes the chunk's coefficients (before ``/ num_prompts``) into ``coef_rows``, for the stats."""
 
     def coefficients(index, rows, clean, ablated):
-        members = torch.tensor(packs[index], dtype=torch.long, device=mask.device)
-        sub_mask = mask.index_select(0, members)
-        where = sub_mask.reshape(-1).nonzero().squeeze(1)
+        layout = layouts[index]
+        sub_mask = mask.index_select(0, layout.members)
 
         def spread(values):
-            return torch.zeros(sub_mask.numel(), dtype=torch.float32, device=mask.device).index_copy_(0, where, values).view(sub_mask.shape)
+            return torch.zeros(sub_mask.numel(), dtype=torch.float32, device=mask.device).index_copy_(0, layout.where, values).view(sub_mask.shape)
 
-        va = visual_advantage(spread(clean), spread(ablated), sub_mask)
-        coef = loss_coefficients("va_opd", va, sub_mask, group_ids.index_select(0, members), temperature, high_fraction, high_weight)
-        va_rows[rows] = va.reshape(-1).index_select(0, where)
-        coef_rows[rows] = coef.reshape(-1).index_select(0, where)
+        coef = va_opd_coefficients_nosync(
+            spread(clean), spread(ablated), sub_mask, layout.lengths, layout.group_index, layout.groups, layout.top_k,
+            temperature, high_fraction, high_weight,
+        )
+        coef_rows[rows] = coef.reshape(-1).index_select(0, layout.where)
         return coef_rows[rows] / num_prompts
 
     return coefficients
@@ -650,19 +699,29 @@ def chunked_va_opd_loss(
     the benchmarks' ``torch.compile``d twin) and ``chunk`` rows per chunk."""
     device = student_hidden.device
     sampled = kl_estimator == "sampled"
-    lengths = mask.sum(dim=1).tolist()
+    # The row layout is planned on the host from one copy of the (small) mask and group ids, and
+    # its index tensors go to the device in one copy: the chunk loop never waits on the device.
+    host = torch.cat([mask.to(torch.int64), group_ids[:, None]], dim=1).cpu()
+    host_mask, host_ids = host[:, :-1].bool(), host[:, -1].contiguous()
+    lengths = host_mask.sum(dim=1).tolist()
     packs = None
     if method == "va_opd":
         if process_group is not None:
             log.debug("va_opd_loss: two-phase path (process_group: siblings may sit on other ranks)")
         else:
-            packs = pack_groups(lengths, group_ids.tolist(), chunk)
+            packs = pack_groups(lengths, host_ids.tolist(), chunk)
             if packs is None:
                 log.debug("va_opd_loss: two-phase path (a sibling group has more valid tokens than chunk_size=%d)", chunk)
             else:
                 log.debug("va_opd_loss: one pass, whole sibling groups in %d chunk(s)", len(packs))
     responses = [b for pack in packs for b in pack] if packs is not None else [b for b, n in enumerate(lengths) if n]
-    order = _row_order(mask, responses, lengths)
+    order = _row_order(host_mask, responses, lengths)
+    layouts = [] if packs is None else pack_layouts(packs, host_mask, host_ids)
+    uploaded = _upload(([] if order is None else [order]) + [t for layout in layouts for t in layout.tensors()], device)
+    if order is not None:
+        order = uploaded.pop(0)
+    for i, layout in enumerate(layouts):
+        layout.members, layout.where, layout.lengths, layout.group_index = uploaded[4 * i: 4 * i + 4]
     n = sum(lengths)
 
     def take(x):
@@ -684,13 +743,13 @@ def chunked_va_opd_loss(
     teacher_logp = ablated_logp = va = None
     with torch.no_grad():
         if packs is not None:  # one pass: each chunk's coefficients from its own teacher log-probs
-            va_rows, coef_rows = (torch.zeros(n, dtype=torch.float32, device=device) for _ in range(2))
+            coef_rows = torch.zeros(n, dtype=torch.float32, device=device)
             bounds = [0]
             for pack in packs:
                 bounds.append(bounds[-1] + sum(lengths[b] for b in pack))
             chunks = list(zip(bounds[:-1], bounds[1:]))
             coefficients = _pack_coefficients(
-                packs, mask, group_ids, va_rows, coef_rows, num_prompts=num_prompts,
+                layouts, mask, coef_rows, num_prompts=num_prompts,
                 temperature=temperature, high_fraction=high_fraction, high_weight=high_weight,
             )
         else:  # coefficients known before the pass
@@ -699,10 +758,11 @@ def chunked_va_opd_loss(
                 teacher_logp, _ = linear_logprobs_forward(teacher_rows, t_weight, tok, vocab, chunk, ops)
                 ablated_logp, _ = linear_logprobs_forward(ablated_rows, t_weight, tok, vocab, chunk, ops)
                 va = visual_advantage(scatter(teacher_logp), scatter(ablated_logp), mask)
-            coef = loss_coefficients(
-                method, torch.zeros(mask.shape, device=device) if va is None else va, mask, group_ids,
-                temperature, high_fraction, high_weight, process_group,
-            )
+                coef = loss_coefficients(method, va, mask, group_ids, temperature, high_fraction, high_weight, process_group)
+            elif process_group is None:  # OPD: coefficients from the mask alone, so from its host copy
+                coef, = _upload([loss_coefficients(method, torch.zeros(host_mask.shape), host_mask, host_ids)], device)
+            else:
+                coef = loss_coefficients(method, torch.zeros(mask.shape, device=device), mask, group_ids, process_group=process_group)
             scaled_coef = take(coef) / num_prompts
 
             def coefficients(index, rows, clean, ablated):
@@ -719,7 +779,9 @@ def chunked_va_opd_loss(
         if result.ablated_logp is not None:
             ablated_logp = result.ablated_logp
         if packs is not None:
-            va, coef = scatter(va_rows), scatter(coef_rows)
+            # The VA of the coefficients again, as a statistic, and with visual_advantage's check
+            # of the teacher's log-probs: after the loop, where its wait costs no idle device.
+            va, coef = visual_advantage(scatter(result.teacher_logp), scatter(ablated_logp), mask), scatter(coef_rows)
         elif va is None:  # OPD: VA only as a statistic, when the ablated view is given
             va = torch.zeros(mask.shape, device=device) if ablated_logp is None else visual_advantage(
                 scatter(result.teacher_logp), scatter(ablated_logp), mask)

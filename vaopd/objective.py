@@ -24,9 +24,11 @@ __all__ = [
     "token_coefficients",
     "opd_coefficients",
     "loss_coefficients",
+    "va_opd_coefficients_nosync",
 ]
 
 _METHODS = ("va_opd", "opd")
+_EPS = 1e-6  # rollout_weights' default: added to the std of the sibling means
 
 
 def _as_mask(mask: torch.Tensor, like: torch.Tensor | None = None, name: str = "mask") -> torch.Tensor:
@@ -102,8 +104,30 @@ def visual_advantage(logp_clean: torch.Tensor, logp_ablated: torch.Tensor, mask:
         if bad.any():
             where = torch.nonzero(bad)[0].tolist()
             raise ValueError(f"{name} has a non-finite value inside mask (first at [b, t] = {where})")
+    return _visual_advantage(clean, ablated, mask)
+
+
+def _visual_advantage(clean: torch.Tensor, ablated: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``visual_advantage``'s math on checked fp32 ``[B, T]`` inputs and a bool mask."""
     diff = (clean - ablated).clamp_min(0.0)
     return torch.where(mask, diff, torch.zeros((), dtype=diff.dtype, device=diff.device))
+
+
+def _check_temperature(temperature: float) -> None:
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+
+
+def _check_split(high_fraction: float, high_weight: float) -> None:
+    if not (isinstance(high_fraction, (int, float)) and 0 < high_fraction <= 1):
+        raise ValueError(f"high_fraction must be in (0, 1], got {high_fraction!r}")
+    if not (isinstance(high_weight, (int, float)) and 0 <= high_weight <= 1):
+        raise ValueError(f"high_weight must be in [0, 1], got {high_weight!r}")
+
+
+def _response_means(va: torch.Tensor, mask: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """``[B]`` fp32 mean of ``va`` over each response's valid tokens (``lengths = mask.sum(1)``)."""
+    return torch.where(mask, va.detach().float(), torch.zeros((), device=va.device)).sum(dim=1) / lengths
 
 
 def rollout_weights(
@@ -111,7 +135,7 @@ def rollout_weights(
     mask: torch.Tensor,
     group_ids: torch.Tensor,
     temperature: float = 1.0,
-    eps: float = 1e-6,
+    eps: float = _EPS,
 ) -> torch.Tensor:
     """Per-response weight from the response's mean VA relative to its siblings.
 
@@ -131,14 +155,15 @@ def rollout_weights(
     """
     _check_values(va, "va")
     mask = _as_mask(mask, va)
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    _check_temperature(temperature)
     if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
     index, groups = _group_index(group_ids, va.shape[0])
-    lengths = _lengths(mask)
-    values = torch.where(mask, va.detach().float(), torch.zeros((), device=va.device))
-    means = values.sum(dim=1) / lengths
+    return _rollout_weights(_response_means(va, mask, _lengths(mask)), index, groups, temperature, eps)
+
+
+def _rollout_weights(means: torch.Tensor, index: torch.Tensor, groups: int, temperature: float, eps: float) -> torch.Tensor:
+    """``rollout_weights``' math from ``[B]`` fp32 response means and dense group indices in ``[0, groups)``."""
     count = _group_sum(torch.ones_like(means), index, groups)
     group_mean = (_group_sum(means, index, groups) / count)[index]
     deviation = means - group_mean
@@ -181,18 +206,28 @@ def token_coefficients(
         raise ValueError("weights must be a floating-point torch.Tensor of shape [B]")
     if weights.shape != (va.shape[0],):
         raise ValueError(f"weights must have shape [B] = [{va.shape[0]}], got {tuple(weights.shape)}")
-    if not (isinstance(high_fraction, (int, float)) and 0 < high_fraction <= 1):
-        raise ValueError(f"high_fraction must be in (0, 1], got {high_fraction!r}")
-    if not (isinstance(high_weight, (int, float)) and 0 <= high_weight <= 1):
-        raise ValueError(f"high_weight must be in [0, 1], got {high_weight!r}")
+    _check_split(high_fraction, high_weight)
     lengths = _lengths(mask)
+    top_k = int(_high_counts(lengths, high_fraction).max())
+    return _token_coefficients(va, mask, weights, lengths, top_k, high_fraction, high_weight)
+
+
+def _high_counts(lengths: torch.Tensor, high_fraction: float) -> torch.Tensor:
+    """``max(1, ceil(high_fraction * L))`` per response, in ``lengths``' dtype."""
     # ceil(0.2 * 15) must be 3, not 4: shave float noise off the product before the ceiling.
-    n_high = torch.ceil(lengths.double() * high_fraction - 1e-9).clamp_min(1).to(lengths.dtype)
+    return torch.ceil(lengths.double() * high_fraction - 1e-9).clamp_min(1).to(lengths.dtype)
+
+
+def _token_coefficients(va, mask, weights, lengths, top_k: int, high_fraction: float, high_weight: float) -> torch.Tensor:
+    """``token_coefficients``' math on checked inputs: bool ``mask``, ``lengths = mask.sum(1)``
+    (all positive) and any ``top_k`` from the largest high-group size to ``T`` (the ``top_k``-th
+    largest values are only read up to each row's high-group size, so the result is the same)."""
+    n_high = _high_counts(lengths, high_fraction)
     n_low = lengths - n_high
     # The high group: every valid token above the row's n_high-th largest VA, then as many tokens
     # equal to it as still fit, earliest first (top-k plus a tie count: no full sort).
     key = torch.where(mask, va.detach().float(), torch.full((), -math.inf, device=va.device))
-    top = torch.topk(key, int(n_high.max()), dim=1).values
+    top = torch.topk(key, top_k, dim=1).values
     threshold = top.gather(1, (n_high - 1)[:, None])
     above = key > threshold
     at = mask & (key == threshold)
@@ -263,7 +298,7 @@ def loss_coefficients(
     if method == "va_opd":
         sub_va = va[rows]
         _check_values(sub_va, "va")
-        means = torch.where(sub_mask, sub_va.detach().float(), 0.0).sum(dim=1) / lengths
+        means = _response_means(sub_va, sub_mask, lengths)
     else:
         means = torch.zeros(len(sub_groups), device=mask.device)
     all_means, all_ids, offset = _gather_responses(means, sub_groups, process_group)
@@ -277,6 +312,43 @@ def loss_coefficients(
         weights = rollout_weights(all_means[:, None], ones, all_ids, temperature=temperature)[mine]
         coef[rows] = token_coefficients(sub_va, sub_mask, weights, high_fraction, high_weight)
     return coef
+
+
+def va_opd_coefficients_nosync(
+    logp_clean: torch.Tensor,
+    logp_ablated: torch.Tensor,
+    mask: torch.Tensor,
+    lengths: torch.Tensor,
+    group_index: torch.Tensor,
+    groups: int,
+    top_k: int,
+    temperature: float = 1.0,
+    high_fraction: float = 0.2,
+    high_weight: float = 0.5,
+) -> torch.Tensor:
+    """``loss_coefficients("va_opd", visual_advantage(logp_clean, logp_ablated, mask), ...)`` of whole
+    sibling groups with no host-device synchronisation, for callers that know the batch layout
+    (the fused loss's chunks).
+
+    Same math as those functions (it runs their cores); what they find out on the device, the
+    caller gives from the host, and tensor values are not checked (no non-finite check):
+
+    Args:
+        logp_clean, logp_ablated: ``[B, T]`` fp32 teacher log-probs, any finite value outside ``mask``.
+        mask: ``[B, T]`` bool; every response has a valid token, and its siblings are all here.
+        lengths: ``[B]`` int64, ``mask.sum(1)``.
+        group_index: ``[B]`` int64 sibling-group index in ``[0, groups)``, every index used.
+        top_k: an int from the largest high-group size, ``max(1, ceil(high_fraction * L))``, to ``T``
+            (the longest response's length will do).
+
+    Returns:
+        ``[B, T]`` fp32 coefficients, zero outside ``mask``.
+    """
+    _check_temperature(temperature)
+    _check_split(high_fraction, high_weight)
+    va = _visual_advantage(logp_clean, logp_ablated, mask)
+    weights = _rollout_weights(_response_means(va, mask, lengths), group_index, groups, temperature, _EPS)
+    return _token_coefficients(va, mask, weights, lengths, top_k, high_fraction, high_weight)
 
 
 def _gather_responses(means: torch.Tensor, group_ids: torch.Tensor, process_group) -> tuple[torch.Tensor, torch.Tensor, int]:
