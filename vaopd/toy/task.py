@@ -14,7 +14,7 @@ Every image is 64 x 64 (one Qwen-VL grid of 4 x 4 patches of 16 px). Two kinds o
 Each answer is a worked response: a few vision-critical tokens (the digits read, the count seen)
 inside language scaffolding, ending in ``\\boxed{N}`` so ``vaopd.eval.grade`` scores it. Two
 templates (``TEMPLATES``): ``short``, one sentence around the readings (~20-27 tokens), and
-``scaffold``, a reasoning scaffold of a few sentences (~35-50 tokens, phrasing drawn from a few
+``scaffold``, a reasoning scaffold of a few sentences (30-57 tokens, phrasing drawn from a few
 variants) around the same readings, so the visually grounded tokens are a small part of the response
 (the paper's regime). Both keep the reading sentence "The digits are A and B." verbatim, and the
 phrasing is drawn from its own random stream, so the images, questions and answers of a split are
