@@ -1,5 +1,7 @@
-"""Random inputs shared by the loss tests."""
+"""Random inputs shared by the loss tests, and running the fused loss beside the reference."""
 import torch
+
+from vaopd.kernels import va_opd_loss, va_opd_loss_reference
 
 
 def make_inputs(b=4, t=7, ds=8, dt=12, v=19, vs=None, vt=None, groups=None, dtype=torch.float32, seed=0, scale=1.0):
@@ -26,3 +28,15 @@ def make_inputs(b=4, t=7, ds=8, dt=12, v=19, vs=None, vt=None, groups=None, dtyp
 def clone_inputs(inputs):
     """A copy whose student tensors are fresh leaves (so two losses get separate gradients)."""
     return {k: (x.detach().clone().requires_grad_() if k.startswith("student") else x) for k, x in inputs.items()}
+
+
+def run_both(inputs, **kwargs):
+    """``va_opd_loss(**kwargs)`` and the reference on copies of ``inputs``, both backpropagated:
+    ``(loss, stats, inputs)`` of each (``backend`` and ``chunk_size`` go to the fused loss only)."""
+    fused_in, ref_in = clone_inputs(inputs), clone_inputs(inputs)
+    loss, stats = va_opd_loss(**fused_in, **kwargs)
+    loss.backward()
+    ref_kwargs = {k: v for k, v in kwargs.items() if k not in ("backend", "chunk_size")}
+    ref_loss, ref_stats = va_opd_loss_reference(**ref_in, **ref_kwargs)
+    ref_loss.backward()
+    return (loss, stats, fused_in), (ref_loss, ref_stats, ref_in)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from helpers import clone_inputs, make_inputs
+from helpers import clone_inputs, make_inputs, run_both
 from vaopd.kernels import fused_linear_logprobs, fused_linear_reverse_kl, va_opd_loss, va_opd_loss_reference
 
 BACKENDS = ["torch", "triton"]
@@ -20,16 +20,6 @@ TOL = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.bfloat16: dict(rtol=3e-2
 
 def rel_err(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
-
-
-def run_both(inputs, **kwargs):
-    fused_in, ref_in = clone_inputs(inputs), clone_inputs(inputs)
-    loss, stats = va_opd_loss(**fused_in, **kwargs)
-    loss.backward()
-    ref_kwargs = {k: v for k, v in kwargs.items() if k not in ("backend", "chunk_size")}
-    ref_loss, ref_stats = va_opd_loss_reference(**ref_in, **ref_kwargs)
-    ref_loss.backward()
-    return (loss, stats, fused_in), (ref_loss, ref_stats, ref_in)
 
 
 def assert_matches(fused, ref, dtype):

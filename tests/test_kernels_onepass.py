@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from helpers import clone_inputs, make_inputs
+from helpers import clone_inputs, make_inputs, run_both
 from vaopd.kernels import fused_linear_logprobs, fused_linear_reverse_kl, torch_ops, triton_ops, va_opd_loss, va_opd_loss_reference
 from vaopd.kernels.fused import pack_groups
 
@@ -82,13 +82,10 @@ def products(inputs, grad=True, frozen=(), **kwargs):
     return counter.flops / (2 * n * V * d), counter.watched
 
 
-def run_both(inputs, **kwargs):
-    fused_in, ref_in = clone_inputs(inputs), clone_inputs(inputs)
-    loss, stats = va_opd_loss(**fused_in, **kwargs)
-    loss.backward()
-    ref_kwargs = {k: v for k, v in kwargs.items() if k not in ("backend", "chunk_size")}
-    ref_loss, ref_stats = va_opd_loss_reference(**ref_in, **ref_kwargs)
-    ref_loss.backward()
+def matches_reference(inputs, **kwargs):
+    """Run the fused loss and the reference (``helpers.run_both``), assert loss, stats and both
+    gradients agree, and return the fused stats."""
+    (loss, stats, fused_in), (ref_loss, ref_stats, ref_in) = run_both(inputs, **kwargs)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-4, atol=1e-6)
     for key in ref_stats:
         torch.testing.assert_close(stats[key], ref_stats[key], rtol=1e-4, atol=1e-5, equal_nan=True, msg=lambda m: f"{key}: {m}")
@@ -142,7 +139,7 @@ def test_layouts_match_reference(backend, layout, method, kl_estimator, caplog):
     spec = LAYOUTS[layout]
     inputs = grouped_inputs(spec["groups"], seed=len(layout), lengths=spec["lengths"])
     with caplog.at_level(logging.DEBUG, logger="vaopd.kernels.fused"):
-        stats = run_both(inputs, method=method, kl_estimator=kl_estimator, backend=backend, chunk_size=spec["chunk"], vocab_size=V)
+        stats = matches_reference(inputs, method=method, kl_estimator=kl_estimator, backend=backend, chunk_size=spec["chunk"], vocab_size=V)
     assert path_of(caplog) == (spec["path"] if method == "va_opd" else "none")
     assert (stats["coef"][~inputs["mask"]] == 0).all()
 
