@@ -3,7 +3,6 @@
 file runs nothing."""
 import io
 import json
-import os
 import pickle
 import shutil
 from types import SimpleNamespace
@@ -70,6 +69,11 @@ def test_damage_is_named_and_resume_falls_back_to_the_newest_intact_checkpoint(t
     assert f"falling back to {one}" in out and "(step 1)" in out
     assert result.step == 3 and [r["step"] for r in result.history] == [2, 3]
     verify_checkpoint(two)  # rewritten by the new branch
+    # The damaged one was set aside, as it was, not deleted (a passing read error also fails a manifest).
+    aside = run / "checkpoints" / "step_00000002.damaged"
+    assert "kept the damaged step_00000002.damaged aside" in out
+    with pytest.raises(CheckpointError, match="model.safetensors: SHA-256 differs"):
+        verify_checkpoint(aside)
 
     # export and eval refuse a damaged checkpoint, naming the file.
     flip_byte(two / "meta.json", 0)

@@ -11,6 +11,7 @@ import pytest
 from tests.trainer_utils import tiny_config
 from vaopd.checkpoint import remove_stale_temporaries, step_checkpoints, verify_checkpoint
 from vaopd.config import ConfigError, load_config
+from vaopd.metrics import JsonlError
 from vaopd.runs import RunFolderError
 from vaopd.train import main, train
 
@@ -65,6 +66,30 @@ def test_rollback_resume_removes_later_steps_and_truncates_metrics(tmp_path, cap
     assert [p.name for p in step_checkpoints(run / "checkpoints")] == ["step_00000001", "step_00000002"]
     assert steps_logged(run) == [1, 2]
     verify_checkpoint(run / "checkpoints" / "step_00000002")
+
+
+def test_resume_from_another_runs_checkpoint_needs_a_folder_of_its_own(tmp_path, capsys):
+    a = train(tiny_config(tmp_path, "train.max_steps=1", name="a")).run_dir
+    b = train(tiny_config(tmp_path, "train.max_steps=3", "train.checkpoint_every=1", "train.keep_checkpoints=5",
+                          name="b")).run_dir
+    before = folder_hash(b)
+    with pytest.raises(RunFolderError, match="belongs to another run folder"):
+        train(tiny_config(tmp_path, "train.max_steps=2", name="b"), resume=str(a / "checkpoints" / "step_00000001"))
+    assert folder_hash(b) == before  # b's later checkpoints and metrics untouched
+    fork = train(tiny_config(tmp_path, "train.max_steps=2", name="fork"), resume=str(a / "checkpoints" / "step_00000001"))
+    assert fork.step == 2 and steps_logged(fork.run_dir) == [2]
+
+
+def test_a_damaged_log_line_stops_a_rollback_before_anything_changes(tmp_path):
+    cfg = tiny_config(tmp_path, "train.max_steps=3", "train.checkpoint_every=1", "train.keep_checkpoints=5")
+    run = train(cfg).run_dir
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    lines[1] = lines[1][:10]  # damage inside the file, not a torn last line
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    before = folder_hash(run)
+    with pytest.raises(JsonlError, match="metrics.jsonl: line 2"):
+        train(cfg, resume=str(run / "checkpoints" / "step_00000001"))
+    assert folder_hash(run) == before  # no checkpoint removed, no config rewritten
 
 
 def test_resume_refuses_optimisation_changes_allows_safe_ones_and_drops_a_torn_line(tmp_path, capsys):

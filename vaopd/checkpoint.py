@@ -269,12 +269,27 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def remove_later_checkpoints(checkpoints_dir: Path, step: int) -> list[Path]:
-    """Remove the ``step_*`` folders after ``step`` (a resume from an older checkpoint abandons them)."""
-    later = [p for p in step_checkpoints(checkpoints_dir) if int(p.name[5:]) > step]
-    for p in later:
-        shutil.rmtree(p)
-    return later
+def remove_later_checkpoints(checkpoints_dir: Path, step: int, damaged: list[Path] = ()) -> tuple[list[Path], list[Path]]:
+    """Remove the ``step_*`` folders after ``step`` (a resume from an older checkpoint abandons
+    them); those in ``damaged`` (skipped by ``--resume`` as failing their manifest, which a passing
+    read error can cause too) are renamed ``step_N.damaged`` instead, out of the checkpoint list
+    but kept. Returns (removed, set aside)."""
+    damaged_names = {Path(p).name for p in damaged}
+    removed, set_aside = [], []
+    for p in step_checkpoints(checkpoints_dir):
+        if int(p.name[5:]) <= step:
+            continue
+        if p.name in damaged_names:
+            target = p.with_name(p.name + ".damaged")
+            n = 1
+            while target.exists():
+                target, n = p.with_name(f"{p.name}.damaged{n}"), n + 1
+            p.rename(target)
+            set_aside.append(target)
+        else:
+            shutil.rmtree(p)
+            removed.append(p)
+    return removed, set_aside
 
 
 def load_trainer_state(checkpoint: Path, map_location="cpu") -> dict:

@@ -7,27 +7,25 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import torch
 
 from vaopd.objective import token_coefficients
 
-__all__ = ["MetricsLogger", "JsonlError", "truncate_jsonl", "token_stats"]
+__all__ = ["MetricsLogger", "JsonlError", "check_jsonl", "truncate_jsonl", "token_stats"]
 
 
 class JsonlError(ValueError):
     """A line of a run's JSONL file that is not JSON (other than a torn last line); names file and line."""
 
 
-def truncate_jsonl(path: Path, step: int) -> tuple[int, bool]:
-    """Keep the lines of ``path`` whose ``step`` is at most ``step``; returns (lines dropped, torn).
-
-    A last line that is not valid JSON is a write cut short by a crash (torn): it is dropped. An
-    invalid line anywhere else is damage this cannot explain and raises ``JsonlError``.
-    """
-    path = Path(path)
-    text = path.read_text(encoding="utf-8", errors="replace")
+def _kept_lines(path: Path, step: int) -> tuple[list[str], int, bool, bool]:
+    """The lines of ``path`` whose ``step`` is at most ``step``, the count dropped, whether the last
+    line was torn, and whether the file must be rewritten; raises ``JsonlError`` (reads only)."""
+    # surrogateescape: bytes that are not UTF-8 (a torn multi-byte character) survive a rewrite as they were.
+    text = Path(path).read_text(encoding="utf-8", errors="surrogateescape")
     lines = text.splitlines()
     keep, torn = [], False
     for n, line in enumerate(lines):
@@ -45,9 +43,30 @@ def truncate_jsonl(path: Path, step: int) -> tuple[int, bool]:
         if record.get("step", 0) <= step:
             keep.append(line)
     dropped = sum(1 for line in lines if line.strip()) - len(keep)
-    if dropped or not text.endswith("\n"):  # the next append must start on a line of its own
+    return keep, dropped, torn, bool(dropped) or not text.endswith("\n")  # the next append starts a line
+
+
+def check_jsonl(path: Path) -> None:
+    """Raise ``JsonlError`` if ``path`` holds an invalid line before its last (reads only: a resume
+    checks its logs with this before it changes anything in the run folder)."""
+    if Path(path).exists():
+        _kept_lines(path, 0)
+
+
+def truncate_jsonl(path: Path, step: int) -> tuple[int, bool]:
+    """Keep the lines of ``path`` whose ``step`` is at most ``step``; returns (lines dropped, torn).
+
+    A last line that is not valid JSON is a write cut short by a crash (torn): it is dropped. An
+    invalid line anywhere else is damage this cannot explain and raises ``JsonlError``.
+    """
+    path = Path(path)
+    keep, dropped, torn, rewrite = _kept_lines(path, step)
+    if rewrite:
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(k + "\n" for k in keep), encoding="utf-8")
+        with open(tmp, "w", encoding="utf-8", errors="surrogateescape") as f:
+            f.write("".join(k + "\n" for k in keep))
+            f.flush()
+            os.fsync(f.fileno())
         tmp.replace(path)  # atomic: a crash here leaves the old file, never a half-written one
     return dropped, torn
 

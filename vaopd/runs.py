@@ -6,8 +6,8 @@ unless it continues the run (``--resume``) or replaces it (``--overwrite``, whic
 run's files first). Nothing else in the folder is touched.
 
 ``start_run`` makes these decisions before anything is built or written. On ``--resume`` it picks
-the checkpoint: the newest one whose files match their manifest (a damaged one is named and
-skipped with a warning), and refuses config changes that would alter the optimisation being
+the checkpoint: the newest one whose files match their manifest (a damaged one is named,
+skipped with a warning, and later set aside as ``step_N.damaged``, never deleted), and refuses config changes that would alter the optimisation being
 continued (``vaopd.config.resume_changes``).
 """
 from __future__ import annotations
@@ -20,6 +20,7 @@ import yaml
 
 from vaopd.checkpoint import CheckpointError, step_checkpoints, verify_checkpoint
 from vaopd.config import Config, resume_changes
+from vaopd.metrics import check_jsonl
 
 __all__ = ["RunFolderError", "RUN_FILES", "run_dir_of", "run_files", "check_new_run", "clear_run", "choose_checkpoint",
            "start_run"]
@@ -76,48 +77,60 @@ def clear_run(run_dir: Path) -> list[str]:
     return removed
 
 
-def choose_checkpoint(run_dir: Path, resume: str | bool, warn: Callable[[str], None]) -> Path:
-    """The checkpoint ``--resume`` continues: ``resume`` itself (a path), verified, or with
-    ``resume=True`` the newest intact one of ``run_dir/checkpoints``. Raises ``CheckpointError``
-    naming the bad files when none is intact."""
+def choose_checkpoint(run_dir: Path, resume: str | bool, warn: Callable[[str], None]) -> tuple[Path, list[Path]]:
+    """The checkpoint ``--resume`` continues, and the newer checkpoints skipped as damaged:
+    ``resume`` itself (a path), verified, or with ``resume=True`` the newest intact one of
+    ``run_dir/checkpoints``. Raises ``CheckpointError`` naming the bad files when none is intact."""
     if resume is not True:
         ckpt = Path(resume)
         try:
             verify_checkpoint(ckpt)
         except CheckpointError as e:
             raise CheckpointError(f"--resume {ckpt}: {e}") from None
-        return ckpt
+        return ckpt, []
     checkpoints = Path(run_dir) / "checkpoints"
     candidates = step_checkpoints(checkpoints)[::-1]
     if not candidates:
         hint = " (the folder holds a run without one: --overwrite starts it again)" if run_files(run_dir) else ""
         raise RunFolderError(f"--resume: no checkpoint in {checkpoints}{hint}")
-    problems = []
+    problems, damaged = [], []
     for ckpt in candidates:
         try:
             verify_checkpoint(ckpt)
         except CheckpointError as e:
             problems.append(str(e))
+            damaged.append(ckpt)
             warn(f"WARNING: --resume: {ckpt.name} is damaged: {e}")
             continue
         if problems:
             warn(f"WARNING: --resume: falling back to {ckpt}, the newest intact checkpoint")
-        return ckpt
+        return ckpt, damaged
     raise CheckpointError(f"--resume: no intact checkpoint in {checkpoints}:\n  " + "\n  ".join(problems))
 
 
-def start_run(cfg: Config, *, resume: str | bool | None, overwrite: bool, warn: Callable[[str], None]) -> Path | None:
-    """Check that ``cfg``'s run may start as asked; returns the checkpoint to resume (or None).
+def start_run(cfg: Config, *, resume: str | bool | None, overwrite: bool,
+              warn: Callable[[str], None]) -> tuple[Path | None, list[Path]]:
+    """Check that ``cfg``'s run may start as asked; returns the checkpoint to resume (or None) and
+    the newer checkpoints skipped as damaged (``vaopd.checkpoint.remove_later_checkpoints`` sets
+    them aside instead of deleting them).
 
-    Writes nothing: a refusal (``RunFolderError``, ``CheckpointError``) leaves the folder as it was.
+    Writes nothing: a refusal (``RunFolderError``, ``CheckpointError``, ``JsonlError``) leaves the
+    folder as it was.
     """
     run_dir = run_dir_of(cfg)
     if resume and overwrite:
         raise RunFolderError("--resume continues a run and --overwrite starts it again: pass one of them")
     if not resume:
         check_new_run(run_dir, overwrite=overwrite)
-        return None
-    ckpt = choose_checkpoint(run_dir, resume, warn)
+        return None, []
+    ckpt, damaged = choose_checkpoint(run_dir, resume, warn)
+    if ckpt.resolve().parent != (run_dir / "checkpoints").resolve() and run_files(run_dir):
+        # A checkpoint of another run continues into a folder of its own: resuming into this one
+        # would cut its checkpoints and metrics back to the other run's step.
+        raise RunFolderError(
+            f"--resume {ckpt}: that checkpoint belongs to another run folder, and {run_dir} already holds a run "
+            f"({', '.join(run_files(run_dir))}). Continue it in an empty folder (--set train.name=NAME) or resume "
+            f"from one of {run_dir / 'checkpoints'}.")
     saved = yaml.safe_load((ckpt / "config.yaml").read_text(encoding="utf-8"))
     refused, allowed = resume_changes(saved if isinstance(saved, dict) else {}, cfg)
     if refused:
@@ -125,6 +138,8 @@ def start_run(cfg: Config, *, resume: str | bool | None, overwrite: bool, warn: 
             f"--resume: {ckpt} was trained with other settings, and these change the optimisation it continues:\n  "
             + "\n  ".join(refused) + "\nResume with the checkpoint's values, or start a new run "
             "(--set train.name=NAME, or --overwrite).")
+    for log in ("metrics.jsonl", "rollouts.jsonl"):  # a damaged log stops the resume before anything changes
+        check_jsonl(run_dir / log)
     if allowed:
         warn("--resume: changed settings (allowed): " + "; ".join(allowed))
-    return ckpt
+    return ckpt, damaged

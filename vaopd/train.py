@@ -62,10 +62,10 @@ class TrainResult:
     best: dict | None = None
 
 
-_REFUSALS = (RunFolderError, CheckpointError, ConfigError)
+_REFUSALS = (RunFolderError, CheckpointError, ConfigError, JsonlError)
 
 
-def _start_on_main(env, say, cfg: Config, resume, overwrite: bool) -> Path | None:
+def _start_on_main(env, say, cfg: Config, resume, overwrite: bool) -> tuple[Path | None, list[Path]]:
     """``vaopd.runs.start_run`` decided by rank 0 alone and told to every rank (a slower rank must
     not see rank 0's first writes as an existing run); a refusal is raised on every rank."""
     if env is None:
@@ -75,15 +75,16 @@ def _start_on_main(env, say, cfg: Config, resume, overwrite: bool) -> Path | Non
     answer = [None]
     if env.is_main:
         try:
-            ckpt = start_run(cfg, resume=resume, overwrite=overwrite, warn=say)
-            answer[0] = ("ok", str(ckpt) if ckpt else None)
+            ckpt, damaged = start_run(cfg, resume=resume, overwrite=overwrite, warn=say)
+            answer[0] = ("ok", (str(ckpt) if ckpt else None, [str(p) for p in damaged]))
         except _REFUSALS as e:
             answer[0] = (type(e).__name__, str(e))
     dist.broadcast_object_list(answer, src=0)
     kind, value = answer[0]
     if kind != "ok":
         raise {t.__name__: t for t in _REFUSALS}[kind](value)
-    return Path(value) if value else None
+    ckpt, damaged = value
+    return (Path(ckpt) if ckpt else None), [Path(p) for p in damaged]
 
 
 def train(cfg: Config, *, resume: str | bool | None = None, overwrite: bool = False,
@@ -102,7 +103,7 @@ def train(cfg: Config, *, resume: str | bool | None = None, overwrite: bool = Fa
     if env and cfg.log.rollouts_every:
         say("log.rollouts_every: rollouts.jsonl is written by single-process runs only; not under torchrun")
     run_dir = run_dir_of(cfg)
-    ckpt = _start_on_main(env, say, cfg, resume, overwrite)
+    ckpt, damaged = _start_on_main(env, say, cfg, resume, overwrite)
     sharded_ckpt = ckpt is not None and is_sharded_checkpoint(ckpt)
     torch.manual_seed(cfg.train.seed)
     s = build_setup(cfg, device, student_source=str(ckpt / "model") if ckpt and not sharded_ckpt else None)
@@ -134,7 +135,7 @@ def train(cfg: Config, *, resume: str | bool | None = None, overwrite: bool = Fa
     first_step = step
     config_yaml = to_yaml(cfg)
     if main_rank:
-        _prepare_run_dir(run_dir, ckpt, step, overwrite, say)
+        _prepare_run_dir(run_dir, ckpt, damaged, step, overwrite, say)
         for data in (s.train_data, s.val_data):
             if data is not None and data.skipped:
                 say(f"data.skip_bad_records: skipped {data.skipped} bad record(s) of {data.source}")
@@ -147,7 +148,7 @@ def train(cfg: Config, *, resume: str | bool | None = None, overwrite: bool = Fa
     last = step + cfg.train.stop_after if cfg.train.stop_after else steps
     last = min(last, steps)
     result = TrainResult(s.student, s.teacher, step, run_dir, ckpt)
-    best = read_best(run_dir) if ckpt else None
+    best = read_best(run_dir) if ckpt and main_rank else None  # rank 0 alone may remove it just below
     result.best = best if best is not None and best["step"] <= step else None  # not one of an abandoned later branch
     if main_rank and result.best is None:
         (run_dir / BEST_FILE).unlink(missing_ok=True)
@@ -240,7 +241,7 @@ def train(cfg: Config, *, resume: str | bool | None = None, overwrite: bool = Fa
     return result
 
 
-def _prepare_run_dir(run_dir: Path, ckpt: Path | None, step: int, overwrite: bool, say) -> None:
+def _prepare_run_dir(run_dir: Path, ckpt: Path | None, damaged: list[Path], step: int, overwrite: bool, say) -> None:
     """Main rank, once the run is set up: clear a replaced run, or cut a resumed one back to ``step``."""
     run_dir.mkdir(parents=True, exist_ok=True)
     for tmp in remove_stale_temporaries(run_dir / "checkpoints"):
@@ -251,10 +252,13 @@ def _prepare_run_dir(run_dir: Path, ckpt: Path | None, step: int, overwrite: boo
         (run_dir / "rollouts.jsonl").unlink(missing_ok=True)
         return
     say(f"resuming from {ckpt} (step {step})")
-    later = remove_later_checkpoints(run_dir / "checkpoints", step)
+    later, set_aside = remove_later_checkpoints(run_dir / "checkpoints", step, damaged)
     if later:
         say(f"--resume: removed {', '.join(p.name for p in later)}: later than step {step}, they belong to the "
             "abandoned continuation")
+    if set_aside:
+        say(f"--resume: kept the damaged {', '.join(p.name for p in set_aside)} aside (no longer a checkpoint; "
+            "delete it once inspected)")
     rollouts = run_dir / "rollouts.jsonl"
     if rollouts.exists() and truncate_jsonl(rollouts, step)[0]:
         say(f"--resume: dropped the lines of {rollouts} after step {step}")
