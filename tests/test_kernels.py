@@ -183,18 +183,24 @@ class _LargestTensor(TorchDispatchMode):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kl_estimator", ["full", "sampled"])
-def test_never_allocates_tokens_by_vocab(backend, kl_estimator):
-    n_tokens, chunk = 6 * 40, 16
-    inputs = make_inputs(b=6, t=40, ds=8, dt=8, v=V, seed=20)
+@pytest.mark.parametrize("method, t, path", [("va_opd", 40, "two-phase"), ("va_opd", 8, "one pass"), ("opd", 40, "one pass")])
+def test_never_allocates_tokens_by_vocab(backend, kl_estimator, method, t, path, caplog):
+    # Sibling pairs of 2 x 40 tokens exceed the 16-row chunk (VA-OPD's two phases); pairs of
+    # 2 x 8 fit it (one pass); OPD always takes one pass.
+    n_tokens, chunk = 6 * t, 16
+    inputs = make_inputs(b=6, t=t, ds=8, dt=8, v=V, seed=20)
     inputs["mask"][:] = True
+    caplog.set_level("DEBUG", logger="vaopd.kernels.fused")
     with _LargestTensor() as mode:
-        loss, _ = va_opd_loss(**inputs, backend=backend, chunk_size=chunk, kl_estimator=kl_estimator)
+        loss, _ = va_opd_loss(**inputs, method=method, backend=backend, chunk_size=chunk, kl_estimator=kl_estimator)
         loss.backward()
+    if method == "va_opd":
+        assert path in caplog.text
     # One fp32 chunk of logits at most; tokens x vocab in fp32 would be 15 times more.
     assert mode.largest <= chunk * VS * 4, f"a tensor of {mode.largest} bytes (tokens x vocab x 4 = {n_tokens * V * 4})"
     # The probe does see a [tokens x vocab] tensor where one exists: in the reference.
     with _LargestTensor() as ref_mode:
-        va_opd_loss_reference(**clone_inputs(inputs), kl_estimator=kl_estimator)
+        va_opd_loss_reference(**clone_inputs(inputs), method=method, kl_estimator=kl_estimator)
     assert ref_mode.largest >= n_tokens * V * 4
 
 
