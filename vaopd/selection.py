@@ -4,7 +4,8 @@ The rule (the method authors' protocol): among the checkpoints at whose step val
 best is the one with the highest validation accuracy; on a tie the earliest step wins. Only a
 saved checkpoint can be chosen, so a validation at a step without a checkpoint (``eval.every``
 not a multiple of ``train.checkpoint_every``, a skipped step) is logged but is no candidate; the
-last step of a run is always validated and saved. The trainer writes the choice to
+last step of a run is always validated and saved (a run stopped early by ``train.stop_after`` or a
+signal saves without validating). The trainer writes the choice to
 ``<run_dir>/best.json`` (atomically) and never prunes that checkpoint; ``best`` then names it on
 the command lines of ``vaopd.export`` and ``vaopd.eval`` (``--checkpoint best --run RUN_DIR``).
 """
