@@ -40,12 +40,17 @@ _ALLOWED = {
 }
 
 
+# torch's dtypes by name, read from the module's namespace: a name from the file never reaches
+# getattr(torch, ...), whose lazy submodule imports would run on an arbitrary name.
+_DTYPES = {name: value for name, value in vars(torch).items() if isinstance(value, torch.dtype)}
+
+
 class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         if (module, name) in _ALLOWED:
             return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
+        if module == "torch" and name in _DTYPES:
+            return _DTYPES[name]
         raise pickle.UnpicklingError(f"{module}.{name} is not a DCP metadata type")
 
 
