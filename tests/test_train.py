@@ -94,16 +94,65 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path):
     assert max_diff(state(big.student), state(small.student)) < 1e-5
 
 
-def test_length_buckets_keep_the_step_and_cut_padding(tmp_path):
-    common = ("train.prompts_per_step=4", "train.micro_batch_prompts=2", "train.max_steps=1", "rollout.max_new_tokens=12")
-    plain = train(tiny_config(tmp_path, *common, "train.length_buckets=false", name="plain"))
-    bucketed = train(tiny_config(tmp_path, *common, "train.length_buckets=true", name="buckets"))
-    a, b = plain.history[0], bucketed.history[0]
-    assert a["response_len"] == b["response_len"]  # the same rollouts, grouped differently
-    assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
-    assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
-    assert 1 <= b["scoring_padding"] <= a["scoring_padding"]
-    assert max_diff(state(plain.student), state(bucketed.student)) < 1e-5
+def _designed_step(tmp_path, monkeypatch, buckets: bool):
+    """One step of 4 prompts x 2 responses in micro-batches of 2 prompts, with responses of designed
+    lengths (prompts 0 and 2: 10 tokens, 1 and 3: 2 tokens); returns the metrics, the sibling
+    groups of each micro-batch (as the loss saw them) and the student after the step."""
+    cfg = tiny_config(tmp_path, "train.prompts_per_step=4", "train.micro_batch_prompts=2",
+                      f"train.length_buckets={str(buckets).lower()}", name=f"buckets_{buckets}")
+    setup = build_mod.build_setup(cfg, torch.device("cpu"))
+    eos, pad = setup.eos_ids[0], setup.tokenizer.pad_token_id
+    lengths = [10, 2, 10, 2]
+
+    class Designed:
+        def generate(self, prompts, k):
+            rows = [[40] * (lengths[i] - 1) + [eos] + [pad] * (10 - lengths[i]) for i in range(len(prompts)) for _ in range(k)]
+            tokens = torch.tensor(rows)
+            return tokens, response_mask(tokens, setup.eos_ids)
+
+    setup.rollout = Designed()
+    seen = []
+
+    def recording(*args, **kwargs):
+        seen.append(sorted(set(args[7].tolist())))  # group_ids: the micro-batch's prompts
+        return va_opd_loss(*args, **kwargs)
+
+    monkeypatch.setattr(step_mod, "va_opd_loss", recording)
+    optimizer, scheduler = optim_mod.build_optimizer(cfg, setup.student, 1)
+    torch.manual_seed(0)
+    record = step_mod.train_step(cfg, setup, optimizer, scheduler, 0)
+    return record, seen, setup.student
+
+
+def test_length_buckets_group_by_length_and_keep_the_step(tmp_path, monkeypatch):
+    plain, plain_groups, plain_student = _designed_step(tmp_path, monkeypatch, buckets=False)
+    bucketed, bucket_groups, bucket_student = _designed_step(tmp_path, monkeypatch, buckets=True)
+    assert plain_groups == [[0, 1], [2, 3]]  # step order: each micro-batch pads to 10 tokens
+    assert bucket_groups == [[1, 3], [0, 2]]  # by length: the short pair is 2 wide, the long pair 10
+    # Response padding: plain 2 x (4 rows x 10) positions for 48 valid tokens; bucketed none.
+    assert plain["rollout_padding"] == pytest.approx(8 * 10 / 48)
+    assert bucketed["scoring_padding"] < plain["scoring_padding"]
+    assert plain["response_len"] == bucketed["response_len"] == 6
+    assert plain["loss"] == pytest.approx(bucketed["loss"], rel=1e-5)
+    assert plain["grad_norm"] == pytest.approx(bucketed["grad_norm"], rel=1e-4)
+    # The micro-batches sum the same gradients in another order; AdamW's first step moves each weight
+    # by about lr (1e-3), so a tenth of a step bounds the rounding.
+    assert max_diff(state(plain_student), state(bucket_student)) < 1e-4
+
+
+def test_dropping_unneeded_prompt_padding_keeps_the_hidden_states():
+    tok, ip = build_tokenizer(), build_image_processor()
+    teacher = build_model("teacher", tok, seed=1).eval()
+    records = tiny_records(2, seed=3)
+    prompts = encode_prompts(["a short one", records[1].question * 3], [r.image for r in records], tok, ip)
+    short = prompts.select([0])  # left-padded to the long prompt's length
+    trimmed = step_mod.without_pad_columns(short)
+    assert trimmed.input_ids.shape[1] == int(short.attention_mask.sum()) < short.input_ids.shape[1]
+    tokens = torch.tensor([[40, 41, 42]])
+    mask = torch.ones_like(tokens, dtype=torch.bool)
+    full, _ = teacher_hidden(teacher, short, None, tokens, mask)
+    cut, _ = teacher_hidden(teacher, trimmed, None, tokens, mask)
+    torch.testing.assert_close(cut, full, rtol=1e-4, atol=1e-5)
 
 
 def test_resume_continues_exactly(tmp_path):
