@@ -1,6 +1,8 @@
 """Smoke run of the toy comparison pipeline (tiny sizes, one seed, two steps), the regimes, and the SFT loss."""
 import json
+from dataclasses import replace
 
+import pytest
 import torch
 import yaml
 
@@ -69,3 +71,8 @@ def test_comparison_pipeline_smoke(tmp_path):
     assert [r["lr"] for r in swept["rows"]] == [1e-4, 5e-5] and swept["chosen_lr"] in (1e-4, 5e-5)
     assert {r["method"] for r in swept["runs"]} == {"opd"} and (tmp_path / "sweep" / "opd_lr0.0001_s0").is_dir()
     assert "chosen lr" in (tmp_path / "sweep.md").read_text()
+    # A rerun into the folder with another student SFT is refused, and the student stays as it was.
+    student = (tmp_path / "student" / "model.safetensors").read_bytes()
+    with pytest.raises(SystemExit, match="SFT'd with other settings or data \\(steps\\)"):
+        run(tmp_path, replace(settings_for("paper", quick=True), student_steps=settings_for("paper", quick=True).student_steps + 1))
+    assert (tmp_path / "student" / "model.safetensors").read_bytes() == student

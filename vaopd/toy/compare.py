@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import math
 import statistics
@@ -184,18 +185,31 @@ def _sft(out: Path, st: Settings) -> dict:
     from vaopd.toy.sft import sft_model
 
     cfg = load_config(CONFIGS / st.config)
+    train_file = out / "data" / "train.jsonl"
+    data_digest = hashlib.sha256(train_file.read_bytes()).hexdigest()
     times = {}
     for preset, steps, lr, init in (("teacher", st.teacher_steps, st.teacher_lr, None),
                                     ("student", st.student_steps, st.student_lr, st.student_init_range)):
         target = out / preset
+        # What the model was trained with: a folder made with other settings or data is not reused.
+        stamp = {"preset": preset, "steps": steps, "lr": lr, "init_range": init, "batch": st.sft_batch,
+                 "seed": st.data_seed, "instruction": cfg.data.instruction, "min_pixels": cfg.data.min_pixels,
+                 "max_pixels": cfg.data.max_pixels, "train_data_sha256": data_digest}
         if (target / "config.json").is_file():
+            stamp_file = target / "sft.json"
+            found = json.loads(stamp_file.read_text()) if stamp_file.is_file() else None
+            if found != stamp:
+                differ = sorted(k for k in stamp if found is None or found.get(k) != stamp[k])
+                raise SystemExit(f"{target} holds a model SFT'd with other settings or data ({', '.join(differ)}"
+                                 f"{'; no sft.json' if found is None else ''}): pass another --out, or remove it")
             _log(f"{preset}: reusing {target}")
             continue
         _log(f"{preset}: SFT for {steps} steps")
         start = time.perf_counter()
-        sft_model(preset, out / "data" / "train.jsonl", target, steps=steps, batch_size=st.sft_batch, lr=lr,
+        sft_model(preset, train_file, target, steps=steps, batch_size=st.sft_batch, lr=lr,
                   seed=st.data_seed, instruction=cfg.data.instruction, min_pixels=cfg.data.min_pixels,
                   max_pixels=cfg.data.max_pixels, init_range=init, log=_log)
+        (target / "sft.json").write_text(json.dumps(stamp, indent=1))
         times[preset] = time.perf_counter() - start
     return times
 
