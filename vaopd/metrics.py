@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import torch
 
+from vaopd.atomic_io import atomic_write_text
 from vaopd.objective import token_coefficients
 
 __all__ = ["MetricsLogger", "JsonlError", "check_jsonl", "truncate_jsonl", "token_stats"]
@@ -61,13 +61,8 @@ def truncate_jsonl(path: Path, step: int) -> tuple[int, bool]:
     """
     path = Path(path)
     keep, dropped, torn, rewrite = _kept_lines(path, step)
-    if rewrite:
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8", errors="surrogateescape") as f:
-            f.write("".join(k + "\n" for k in keep))
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(path)  # atomic: a crash here leaves the old file, never a half-written one
+    if rewrite:  # atomic: a crash here leaves the old file, never a half-written one
+        atomic_write_text(path, "".join(k + "\n" for k in keep), errors="surrogateescape")
     return dropped, torn
 
 

@@ -12,8 +12,9 @@ the command lines of ``vaopd.export`` and ``vaopd.eval`` (``--checkpoint best --
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+
+from vaopd.atomic_io import atomic_write_text
 
 __all__ = ["BEST_FILE", "read_best", "write_best", "is_better", "resolve_checkpoint"]
 
@@ -30,13 +31,7 @@ def read_best(run_dir: str | Path) -> dict | None:
 
 def write_best(run_dir: str | Path, record: dict) -> None:
     """Replace ``<run_dir>/best.json`` atomically: readers see the old record or the new one."""
-    path = Path(run_dir) / BEST_FILE
-    tmp = path.with_name(f".{BEST_FILE}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(json.dumps(record) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    atomic_write_text(Path(run_dir) / BEST_FILE, json.dumps(record) + "\n")
 
 
 def is_better(accuracy: float, best: dict | None) -> bool:

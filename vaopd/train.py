@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from vaopd.atomic_io import atomic_write_text
 from vaopd.build import Setup, build_setup, parallelize
 from vaopd.checkpoint import (CheckpointError, is_sharded_checkpoint, latest_checkpoint, load_sharded_state,
                               load_trainer_state, remove_later_checkpoints, remove_stale_temporaries, rng_state,
@@ -139,7 +140,7 @@ def train(cfg: Config, *, resume: str | bool | None = None, overwrite: bool = Fa
         for data in (s.train_data, s.val_data):
             if data is not None and data.skipped:
                 say(f"data.skip_bad_records: skipped {data.skipped} bad record(s) of {data.source}")
-        (run_dir / "config.yaml").write_text(config_yaml, encoding="utf-8")
+        atomic_write_text(run_dir / "config.yaml", config_yaml)
     logger = MetricsLogger(run_dir, tensorboard=cfg.log.tensorboard, wandb_project=cfg.log.wandb_project,
                            config=to_dict(cfg), resume_step=step if ckpt else None, enabled=main_rank)
     if logger.dropped:
