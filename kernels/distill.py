@@ -239,7 +239,9 @@ def fused_linear_reverse_kl(student_hidden, student_weight, teacher_hidden, teac
         student_weight: ``[V_S, D_S]``; teacher_weight: ``[V_T, D_T]``.
         coef: ``[...]`` float per-token coefficients (e.g. ``mask / mask.sum()`` for a token mean);
             tokens with coefficient 0 still cost compute: drop them from the inputs instead.
-        vocab_size: default the common LM-head width.
+        vocab_size: ``V``, both distributions over ``[0, V)``; default the common LM-head width.
+        backend: ``"triton"`` (Triton row kernels; CUDA, or CPU under ``TRITON_INTERPRET=1``),
+            ``"torch"`` (any device) or ``"auto"`` (Triton for CUDA tensors, torch otherwise).
         chunk_size: token rows per chunk (default 2048 on CUDA, 1024 on CPU); memory beyond the
             inputs and gradients is ``1.5 * chunk_size * vocab_size`` elements of the input dtype.
 

@@ -89,7 +89,9 @@ def fused_linear_logprobs(hidden, weight, tokens, vocab_size=None, *, backend="a
         hidden: ``[..., D]`` fp32/bf16/fp16 hidden states (the positions that predict ``tokens``).
         weight: ``[V_w, D]`` LM-head weight, same dtype; rows past ``vocab_size`` are ignored.
         tokens: ``[...]`` int64 ids in ``[0, vocab_size)``.
-        vocab_size: default ``V_w``.
+        vocab_size: ``V``, log-probs are normalised over ``[0, V)``; default ``V_w``.
+        backend: ``"triton"`` (Triton row kernels; CUDA, or CPU under ``TRITON_INTERPRET=1``),
+            ``"torch"`` (any device) or ``"auto"`` (Triton for CUDA tensors, torch otherwise).
         chunk_size: token rows per chunk (default 2048 on CUDA, 1024 on CPU); memory beyond the
             inputs is one ``[chunk_size, vocab_size]`` buffer of the input dtype.
 
