@@ -1,4 +1,6 @@
-"""The VA-OPD objective on per-token tensors: visual advantage, rollout weights, token coefficients.
+"""The VA-OPD objective on per-token tensors: visual advantage, rollout weights, token coefficients
+and the high group. The loss (``vaopd.kernels``) computes its coefficients here; the trainer
+imports this module as ``vaopd.objective``.
 
 Nothing here has a vocabulary dimension: every function takes ``[B, T]`` per-token tensors (B
 responses, T positions) and a ``[B]`` group id per response, and is vectorised over the batch
@@ -10,7 +12,7 @@ Conventions shared by every function:
   1); True marks a valid token of a response (generated tokens up to and including the first EOS).
 - ``group_ids`` is an int64 ``[B]`` tensor; responses with equal ids are siblings (the samples of
   one prompt).
-- Outputs are fp32, detached, and exactly zero outside ``mask``.
+- Outputs are fp32 (``high_group``: bool), detached, and exactly zero (False) outside ``mask``.
 """
 from __future__ import annotations
 
@@ -245,11 +247,8 @@ def high_group(va: torch.Tensor, mask: torch.Tensor, high_fraction: float = 0.2)
     _check_values(va, "va")
     mask = as_mask(mask, va)
     check_high_fraction(high_fraction)
-    if va.shape[1] == 0:
-        return mask.clone()
-    lengths = mask.sum(dim=1)
-    top_k = int(_high_counts(lengths, high_fraction).max())
-    return _high_group(va, mask, _high_counts(lengths, high_fraction), top_k)
+    n_high = _high_counts(mask.sum(dim=1), high_fraction)
+    return _high_group(va, mask, n_high, int(n_high.max()))
 
 
 def _high_group(va: torch.Tensor, mask: torch.Tensor, n_high: torch.Tensor, top_k: int) -> torch.Tensor:
