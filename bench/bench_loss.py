@@ -6,7 +6,7 @@ import torch
 
 import lossbench
 from lossbench import RECORDS
-from vaopd.kernels import va_opd_loss_reference
+from vaopd.kernels import LossSpec, va_opd_loss_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -16,7 +16,7 @@ def reference_loss(shape: lossbench.Shape, method: str) -> float:
     inputs = dict(lossbench.make_inputs(shape, DEVICE))
     if method == "opd":
         inputs["teacher_ablated_hidden"] = None
-    return va_opd_loss_reference(**inputs, method=method)[0].item()
+    return va_opd_loss_reference(**inputs, spec=LossSpec(method=method))[0].item()
 
 
 def test_loss(benchmark, loss_case, grid):

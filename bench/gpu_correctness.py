@@ -11,7 +11,7 @@ import sys
 
 import torch
 
-from vaopd.kernels import va_opd_loss, va_opd_loss_reference
+from vaopd.kernels import LossSpec, va_opd_loss, va_opd_loss_reference
 
 DEVICE = "cuda"  # a CPU run (tiny shapes, Triton interpreter) only checks the script itself
 
@@ -39,7 +39,7 @@ def case(tokens, vocab, pad, ds, dt, dtype, method="va_opd", kl_estimator="full"
     fused = dict(chunk_size=chunk_size)
     for name, fn, kw in (("triton", va_opd_loss, dict(backend="triton", **fused)), ("torch", va_opd_loss, dict(backend="torch", **fused)), ("reference", va_opd_loss_reference, {})):
         inputs = {k: (v.detach().clone().requires_grad_() if k.startswith("student") else v) for k, v in base.items()}
-        loss, stats = fn(**inputs, vocab_size=vocab, method=method, kl_estimator=kl_estimator, **kw)
+        loss, stats = fn(**inputs, vocab_size=vocab, spec=LossSpec(method=method, kl_estimator=kl_estimator), **kw)
         loss.backward()
         results[name] = (loss.detach(), stats, inputs["student_hidden"].grad, inputs["student_weight"].grad)
         del inputs, loss
@@ -67,7 +67,7 @@ def case(tokens, vocab, pad, ds, dt, dtype, method="va_opd", kl_estimator="full"
 def main():
     torch.backends.cuda.matmul.allow_tf32 = False
     logging.basicConfig(stream=sys.stdout, format="  %(message)s")
-    logging.getLogger("vaopd.kernels.fused").setLevel(logging.DEBUG)
+    logging.getLogger("vaopd.kernels.va_opd").setLevel(logging.DEBUG)
     ok = True
     ok &= case(512, 151936, 64, 2048, 4096, torch.bfloat16)
     ok &= case(512, 151936, 64, 2048, 4096, torch.float32)

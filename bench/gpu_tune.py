@@ -13,8 +13,8 @@ import sys
 
 import torch
 
-from vaopd.kernels import triton_ops, va_opd_loss
-from vaopd.kernels.fused import _accumulate_fp32
+from vaopd.kernels import LossSpec, triton_ops, va_opd_loss
+from vaopd.kernels.chunks import accumulate_fp32
 
 N, VOCAB, DS, DT, RESPONSE = 8192, 151936, 2048, 4096, 256
 
@@ -48,7 +48,7 @@ def paper_inputs():
 
 def chunk_sweep(chunks=(1024, 1536, 2048), repeats=3):
     args = paper_inputs()
-    opd_args = dict(args, teacher_ablated_hidden=None, method="opd")
+    opd_args = dict(args, teacher_ablated_hidden=None, spec=LossSpec(method="opd"))
     sh, sw = args["student_hidden"], args["student_weight"]
     h, w = sh.detach().reshape(N, DS), sw.detach()
     th, tha, tw = (args[k].reshape(N, DT) if args[k].dim() == 3 else args[k] for k in ("teacher_hidden", "teacher_ablated_hidden", "teacher_weight"))
@@ -76,7 +76,7 @@ def chunk_sweep(chunks=(1024, 1536, 2048), repeats=3):
                     k = min(j + sub, i + rows)
                     torch.matmul(th[j:k], tw.T, out=t[: k - j])
                 torch.matmul(g, w, out=gh[r])
-                _accumulate_fp32(acc, g.T, h[r])
+                accumulate_fp32(acc, g.T, h[r])
 
         return run
 

@@ -5,7 +5,7 @@ hidden states and LM-head weights (student gradients only), finished with a devi
 
 - ``vaopd-triton``, ``vaopd-torch``: ``vaopd.kernels.va_opd_loss`` (VA-OPD) on each backend.
 - ``vaopd-torch-compiled``: the chunked torch path with its row ops under ``torch.compile``.
-- ``vaopd-opd-triton``, ``vaopd-opd-torch``: ``va_opd_loss(method="opd")`` without an ablated
+- ``vaopd-opd-triton``, ``vaopd-opd-torch``: ``va_opd_loss(spec=LossSpec(method="opd"))`` without an ablated
   view: plain OPD, the same work as Liger's reverse KL.
 - ``reference``: ``va_opd_loss_reference`` (full fp32 logits).
 - ``liger``, ``liger-compiled``: Liger-Kernel's chunked ``LigerFusedLinearJSDLoss`` with
@@ -25,8 +25,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from vaopd.kernels import torch_ops, va_opd_loss, va_opd_loss_reference
-from vaopd.kernels.fused import DEFAULT_CHUNK_CPU, DEFAULT_CHUNK_GPU, chunked_va_opd_loss
+from vaopd.kernels import LossSpec, torch_ops, va_opd_loss, va_opd_loss_reference
+from vaopd.kernels.chunks import DEFAULT_CHUNK_CPU, DEFAULT_CHUNK_GPU
+from vaopd.kernels.va_opd import chunked_va_opd_loss
 
 # Tokens per response; responses come in sibling groups of 4 (1,024 tokens), which a chunk of the
 # default size holds on either device (GPU 2,048 rows, CPU 1,024): the one-pass VA-OPD path.
@@ -129,7 +130,7 @@ def build(impl: str, inputs: dict, device: str):
         kwargs = {} if impl == "reference" else {"backend": impl.split("-")[-1]}
         args = dict(inputs)
         if "-opd-" in impl:
-            args.update(teacher_ablated_hidden=None, method="opd")
+            args.update(teacher_ablated_hidden=None, spec=LossSpec(method="opd"))
 
         def run():
             clear()
@@ -149,8 +150,7 @@ def build(impl: str, inputs: dict, device: str):
         def run():
             clear()
             loss, _ = chunked_va_opd_loss(
-                *args, method="va_opd", kl_estimator="full", vocab=sw.shape[0], num_prompts=int(inputs["group_ids"].max()) + 1,
-                temperature=1.0, high_fraction=0.2, high_weight=0.5, ops=ops, chunk=chunk,
+                *args, spec=LossSpec(), vocab=sw.shape[0], num_prompts=int(inputs["group_ids"].max()) + 1, ops=ops, chunk=chunk,
             )
             loss.backward()
             _sync(device)

@@ -8,10 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
-from vaopd.objective import _as_mask
-
-METHODS = ("va_opd", "opd")
-KL_ESTIMATORS = ("full", "sampled")
+from .objective import as_mask
+from .spec import LossSpec
 
 
 @dataclass(frozen=True)
@@ -81,13 +79,11 @@ def check_tokens(tokens: torch.Tensor, mask: torch.Tensor | None, vocab_size: in
 
 def check_loss_inputs(
     student_hidden, student_weight, teacher_hidden, teacher_ablated_hidden, teacher_weight,
-    tokens, mask, group_ids, *, method, kl_estimator, vocab_size, num_prompts,
+    tokens, mask, group_ids, *, spec, vocab_size, num_prompts,
 ) -> LossInputs:
     """Validate the arguments of ``va_opd_loss`` / ``va_opd_loss_reference`` (shapes in their docs)."""
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if kl_estimator not in KL_ESTIMATORS:
-        raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {kl_estimator!r}")
+    if not isinstance(spec, LossSpec):
+        raise ValueError(f"spec must be a vaopd.kernels.LossSpec (e.g. LossSpec(method='opd')), got {type(spec).__name__}")
     check_linear(student_hidden, student_weight, "student_hidden", "student_weight", 3)
     check_linear(teacher_hidden, teacher_weight, "teacher_hidden", "teacher_weight", 3)
     batch_shape = tuple(student_hidden.shape[:2])
@@ -97,7 +93,7 @@ def check_loss_inputs(
     if teacher_hidden.device != device:
         raise ValueError(f"teacher_hidden is on {teacher_hidden.device} but student_hidden is on {device}")
     if teacher_ablated_hidden is None:
-        if method == "va_opd":
+        if spec.method == "va_opd":
             raise ValueError("teacher_ablated_hidden is required for method='va_opd' (it gives the visual advantage)")
     else:
         check_float(teacher_ablated_hidden, "teacher_ablated_hidden", 3)
@@ -112,7 +108,7 @@ def check_loss_inputs(
         raise ValueError(f"mask must be a [B, T] = {list(batch_shape)} tensor, got {tuple(getattr(mask, 'shape', ()))}")
     if mask.device != device:
         raise ValueError(f"mask is on {mask.device} but student_hidden is on {device}")
-    mask = _as_mask(mask)
+    mask = as_mask(mask)
     if not isinstance(group_ids, torch.Tensor) or group_ids.dtype != torch.int64 or tuple(group_ids.shape) != batch_shape[:1]:
         raise ValueError(f"group_ids must be an int64 tensor of shape [B] = [{batch_shape[0]}] (one id per response)")
     if group_ids.device != device:

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import torch
 
-from vaopd.objective import loss_coefficients, visual_advantage
-
 from .checks import check_loss_inputs
+from .objective import loss_coefficients, visual_advantage
+from .spec import LossSpec
 
 
 def va_opd_loss_reference(
@@ -22,36 +22,29 @@ def va_opd_loss_reference(
     mask: torch.Tensor,
     group_ids: torch.Tensor,
     *,
-    method: str = "va_opd",
-    kl_estimator: str = "full",
+    spec: LossSpec = LossSpec(),
     vocab_size: int | None = None,
     num_prompts: int | None = None,
-    temperature: float = 1.0,
-    high_fraction: float = 0.2,
-    high_weight: float = 0.5,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """VA-OPD (or OPD) loss from hidden states and LM-head weights.
 
     Args:
-        student_hidden: ``[B, T, D_S]``; ``student_hidden[b, t]`` predicts ``tokens[b, t]``.
+        student_hidden: ``[B, T, D_S]`` float; ``student_hidden[b, t]`` predicts ``tokens[b, t]``.
         student_weight: ``[V_S, D_S]`` student LM head (may carry padding rows past ``vocab_size``).
         teacher_hidden: ``[B, T, D_T]`` teacher states with the original image.
         teacher_ablated_hidden: ``[B, T, D_T]`` teacher states with the ablated image; may be None
-            for ``method="opd"``.
+            for ``spec.method="opd"``.
         teacher_weight: ``[V_T, D_T]`` teacher LM head.
         tokens: ``[B, T]`` int64 sampled token ids.
         mask: ``[B, T]`` boolean-like valid-token mask (fully masked rows contribute nothing).
-        group_ids: ``[B]`` int64 sibling-group id per response.
-        method: ``"va_opd"`` (VA coefficients) or ``"opd"`` (``1 / (K_g L_b)``).
-        kl_estimator: ``"full"``: exact reverse KL over the vocabulary. ``"sampled"``: the
-            single-sample estimate ``k_t = log pS(y_t) - log pT(y_t)``, used as a detached
-            advantage: the loss's value is ``sum c_t k_t / P`` and its gradient is
-            ``sum c_t k_t grad log pS(y_t) / P`` (the policy-gradient form of the reverse KL).
+        group_ids: ``[B]`` int64 sibling-group id per response (equal ids: samples of one prompt).
+        spec: the objective's settings (``LossSpec``; ``LossSpec()`` is the paper's VA-OPD).
         vocab_size: normalise over ``[0, vocab_size)``; default the common LM-head width.
         num_prompts: ``P``, prompts in the optimizer step; default the distinct group ids of the
             rows that have valid tokens.
-        temperature: softmax temperature of the rollout weights (log-probs are always at 1).
-        high_fraction, high_weight: the token split of ``token_coefficients``.
+
+    ``va_opd_loss`` documents every argument at length; this function takes the same ones
+    (without its ``backend``, ``chunk_size`` and ``process_group``) and returns the same.
 
     Returns:
         ``(loss, stats)``: the fp32 scalar ``sum(coef * kl) / P`` with gradients to
@@ -61,8 +54,7 @@ def va_opd_loss_reference(
     """
     checked = check_loss_inputs(
         student_hidden, student_weight, teacher_hidden, teacher_ablated_hidden, teacher_weight,
-        tokens, mask, group_ids, method=method, kl_estimator=kl_estimator,
-        vocab_size=vocab_size, num_prompts=num_prompts,
+        tokens, mask, group_ids, spec=spec, vocab_size=vocab_size, num_prompts=num_prompts,
     )
     mask, vocab = checked.mask, checked.vocab_size
     index = torch.where(mask, tokens.long(), 0).unsqueeze(-1)
@@ -80,10 +72,10 @@ def va_opd_loss_reference(
         else:
             ablated_logp = torch.full_like(teacher_logp, float("nan"))
             va = torch.zeros_like(teacher_logp)
-        coef = loss_coefficients(method, va, mask, group_ids, temperature, high_fraction, high_weight)
+        coef = loss_coefficients(spec.method, va, mask, group_ids, spec.weight_temperature, spec.high_fraction, spec.high_weight)
     student_logp = student.gather(-1, index).squeeze(-1)
 
-    if kl_estimator == "full":
+    if spec.kl_estimator == "full":
         kl = (student.exp() * (student - teacher)).sum(dim=-1)
         per_token = kl
     else:

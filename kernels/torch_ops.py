@@ -36,7 +36,7 @@ def logprob_grad_rows_(logits, lse, tokens, g_logp, g_lse):
     logits.copy_(g)
 
 
-def reverse_kl_rows_(student, teacher, tokens, kl_out, logp_out, write_grad, teacher_logp_out=None, teacher_lse_out=None):
+def reverse_kl_rows_(student, teacher, tokens, kl_out, logp_out, write_grad, teacher_logp_out=None):
     s, t = student.float(), teacher.float()
     lse_t = torch.logsumexp(t, dim=-1)
     log_ps = torch.log_softmax(s, dim=-1)
@@ -45,8 +45,6 @@ def reverse_kl_rows_(student, teacher, tokens, kl_out, logp_out, write_grad, tea
         logp_out.copy_(log_ps.gather(1, tokens[:, None]).squeeze(1))
         if teacher_logp_out is not None:
             teacher_logp_out.copy_(t.gather(1, tokens[:, None]).squeeze(1) - lse_t)
-    if teacher_lse_out is not None:
-        teacher_lse_out.copy_(lse_t)
     p = log_ps.exp_()
     torch.sum(p * diff, dim=-1, out=kl_out)
     if write_grad:
@@ -63,10 +61,10 @@ def logprob_grad_(logits, lse, tokens, g_logp, g_lse):
     _by_row_blocks(logprob_grad_rows_, logits, lse, tokens, g_logp, g_lse)
 
 
-def reverse_kl_(student, teacher, tokens, kl_out, logp_out, write_grad, teacher_logp_out=None, teacher_lse_out=None):
+def reverse_kl_(student, teacher, tokens, kl_out, logp_out, write_grad, teacher_logp_out=None):
     """Per-row reverse KL(pS || pT); optionally overwrite ``student`` with ``pS (log pS - log pT - KL)``.
 
     With ``tokens``, ``logp_out`` gets the student's sampled-token log-prob and ``teacher_logp_out``
-    (if given) the teacher's; ``teacher_lse_out`` (if given) gets the teacher's log-sum-exp.
+    (if given) the teacher's.
     """
-    _by_row_blocks(reverse_kl_rows_, student, teacher, tokens, kl_out, logp_out, write_grad, teacher_logp_out, teacher_lse_out)
+    _by_row_blocks(reverse_kl_rows_, student, teacher, tokens, kl_out, logp_out, write_grad, teacher_logp_out)

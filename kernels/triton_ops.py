@@ -1,6 +1,6 @@
 """Triton row kernels over a chunk of LM-head logits: one program per token row.
 
-The LM-head products run in cuBLAS on token chunks (see ``fused.py`` for why); these kernels do
+The LM-head products run in cuBLAS on token chunks (see ``distill.py`` for why); these kernels do
 everything that touches a logit after that, in one or two sweeps over the vocabulary with an
 online (running-max) log-sum-exp, so no softmax, log-softmax or probability tensor is ever
 written. Every loaded value is upcast to fp32 first (the interpreter silently miscomputes bf16
@@ -69,8 +69,8 @@ def _logprob_grad_kernel(X, stride_x, TOK, LSE, G_LOGP, G_LSE, V, BLOCK: tl.cons
 
 @triton.jit
 def _reverse_kl_kernel(
-    S, stride_s, T, stride_t, TOK, KL, LOGP, T_LOGP, T_LSE, V,
-    HAS_TOK: tl.constexpr, WRITE_T_LOGP: tl.constexpr, WRITE_T_LSE: tl.constexpr, WRITE_GRAD: tl.constexpr,
+    S, stride_s, T, stride_t, TOK, KL, LOGP, T_LOGP, V,
+    HAS_TOK: tl.constexpr, WRITE_T_LOGP: tl.constexpr, WRITE_GRAD: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """KL[r] = sum_v pS (log pS - log pT) over v < V, from student logits S and teacher logits T.
@@ -80,7 +80,7 @@ def _reverse_kl_kernel(
     without a second read. Measuring from the running maxima keeps the bracket small where
     ``pS`` is large, which the gradient's accuracy depends on.
     With HAS_TOK, LOGP[r] = S[r, TOK[r]] - lse_s (read before sweep 2 overwrites S), and with
-    WRITE_T_LOGP also T_LOGP[r] = T[r, TOK[r]] - lse_t. With WRITE_T_LSE, T_LSE[r] = lse_t.
+    WRITE_T_LOGP also T_LOGP[r] = T[r, TOK[r]] - lse_t.
     With WRITE_GRAD, sweep 2 writes dKL/ds = pS (log pS - log pT - KL) over S in place.
     """
     row = tl.program_id(0).to(tl.int64)
@@ -120,8 +120,6 @@ def _reverse_kl_kernel(
         if WRITE_T_LOGP:
             t_tok = tl.load(t_ptr + tl.load(TOK + row)).to(tl.float32)
             tl.store(T_LOGP + row, (t_tok - m_t) - log_d_t)
-    if WRITE_T_LSE:
-        tl.store(T_LSE + row, m_t + log_d_t)
     if WRITE_GRAD:
         for start in range(0, V, BLOCK):
             cols = start + tl.arange(0, BLOCK)
@@ -156,7 +154,7 @@ def logprob_grad_(logits, lse, tokens, g_logp, g_lse, *, block=None, num_warps=N
     _logprob_grad_kernel[(rows,)](logits, logits.stride(0), tokens, lse, g_logp, g_lse, vocab, BLOCK=block, num_warps=num_warps)
 
 
-def reverse_kl_(student, teacher, tokens, kl_out, logp_out, write_grad, teacher_logp_out=None, teacher_lse_out=None, *, block=None, num_warps=None):
+def reverse_kl_(student, teacher, tokens, kl_out, logp_out, write_grad, teacher_logp_out=None, *, block=None, num_warps=None):
     """Per-row reverse KL(pS || pT) over ``[0, V)``; optionally overwrite ``student`` with dKL/ds.
 
     Args:
@@ -166,17 +164,16 @@ def reverse_kl_(student, teacher, tokens, kl_out, logp_out, write_grad, teacher_
         tokens: ``[C]`` int64 or None; with it, ``logp_out`` gets the student's sampled-token
             log-prob and ``teacher_logp_out`` (if given) the teacher's.
         kl_out: ``[C]`` fp32 output; logp_out: ``[C]`` fp32 output or None.
-        teacher_lse_out: ``[C]`` fp32 output for the teacher's log-sum-exp, or None.
+        teacher_logp_out: ``[C]`` fp32 output or None.
     """
     rows, vocab = student.shape
     block, num_warps = _launch_params(vocab, block, num_warps)
     has_tok = tokens is not None
     write_t_logp = has_tok and teacher_logp_out is not None
-    write_t_lse = teacher_lse_out is not None
     _reverse_kl_kernel[(rows,)](
         student, student.stride(0), teacher, teacher.stride(0),
         tokens if has_tok else kl_out, kl_out, logp_out if has_tok else kl_out,
-        teacher_logp_out if write_t_logp else kl_out, teacher_lse_out if write_t_lse else kl_out, vocab,
-        HAS_TOK=has_tok, WRITE_T_LOGP=write_t_logp, WRITE_T_LSE=write_t_lse, WRITE_GRAD=write_grad,
+        teacher_logp_out if write_t_logp else kl_out, vocab,
+        HAS_TOK=has_tok, WRITE_T_LOGP=write_t_logp, WRITE_GRAD=write_grad,
         BLOCK=block, num_warps=num_warps,
     )

@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 from tests.trainer_utils import free_port
 from vaopd.data import tiny_records
 from vaopd.distributed import DistEnv, Parallel, generate_slots, replicate, shard_model, slot_layout
-from vaopd.kernels import va_opd_loss
+from vaopd.kernels import LossSpec, va_opd_loss
 from vaopd.rollout import PromptBatch, encode_prompts
 from vaopd.tiny import build_image_processor, build_model, build_tokenizer
 from vaopd.scoring import scoring_inputs, teacher_hidden
@@ -54,7 +54,7 @@ def single_process(method, estimator, _teacher_mode):
     student, teacher, prompts, ablated, tokens, mask, vocab = fixed_batch()
 
     def loss_fn(*args):
-        return va_opd_loss(*args, method=method, kl_estimator=estimator, vocab_size=vocab, num_prompts=P)[0]
+        return va_opd_loss(*args, spec=LossSpec(method=method, kl_estimator=estimator), vocab_size=vocab, num_prompts=P)[0]
 
     loss = rows_loss(lambda inputs: (student.model(**inputs).last_hidden_state, student.lm_head.weight),
                      teacher, prompts, ablated, tokens, mask, list(range(P * K)), loss_fn)
@@ -75,7 +75,7 @@ def worker(rank, world, port, out):
             (parts,) = slot_layout(P, K, P, world)
 
             def loss_fn(*args):
-                return va_opd_loss(*args, method=method, kl_estimator=estimator, vocab_size=vocab, num_prompts=P,
+                return va_opd_loss(*args, spec=LossSpec(method=method, kl_estimator=estimator), vocab_size=vocab, num_prompts=P,
                                    process_group=dist.group.WORLD)[0]
 
             loss = rows_loss(lambda inputs: root(**inputs), teacher, prompts, ablated, tokens, mask,

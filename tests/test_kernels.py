@@ -10,7 +10,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from helpers import clone_inputs, make_inputs, run_both
-from vaopd.kernels import fused_linear_logprobs, fused_linear_reverse_kl, va_opd_loss, va_opd_loss_reference
+from vaopd.kernels import LossSpec, fused_linear_logprobs, fused_linear_reverse_kl, va_opd_loss, va_opd_loss_reference
 
 BACKENDS = ["torch", "triton"]
 V, VS, VT = 1031, 1040, 1035
@@ -46,7 +46,7 @@ def assert_matches(fused, ref, dtype):
 def test_matches_reference_fp32(backend, method, kl_estimator):
     inputs = make_inputs(b=5, t=11, ds=16, dt=24, v=V, vs=VS, vt=VT, groups=torch.tensor([0, 0, 1, 1, 2]), seed=11)
     inputs["mask"][3] = False  # an all-masked row
-    fused, ref = run_both(inputs, vocab_size=V, method=method, kl_estimator=kl_estimator, backend=backend, chunk_size=16)
+    fused, ref = run_both(inputs, vocab_size=V, spec=LossSpec(method=method, kl_estimator=kl_estimator), backend=backend, chunk_size=16)
     assert_matches(fused, ref, torch.float32)
     assert (fused[2]["student_hidden"].grad[3] == 0).all()
 
@@ -190,9 +190,9 @@ def test_never_allocates_tokens_by_vocab(backend, kl_estimator, method, t, path,
     n_tokens, chunk = 6 * t, 16
     inputs = make_inputs(b=6, t=t, ds=8, dt=8, v=V, seed=20)
     inputs["mask"][:] = True
-    caplog.set_level("DEBUG", logger="vaopd.kernels.fused")
+    caplog.set_level("DEBUG", logger="vaopd.kernels.va_opd")
     with _LargestTensor() as mode:
-        loss, _ = va_opd_loss(**inputs, method=method, backend=backend, chunk_size=chunk, kl_estimator=kl_estimator)
+        loss, _ = va_opd_loss(**inputs, spec=LossSpec(method=method, kl_estimator=kl_estimator), backend=backend, chunk_size=chunk)
         loss.backward()
     if method == "va_opd":
         assert path in caplog.text
@@ -200,7 +200,7 @@ def test_never_allocates_tokens_by_vocab(backend, kl_estimator, method, t, path,
     assert mode.largest <= chunk * VS * 4, f"a tensor of {mode.largest} bytes (tokens x vocab x 4 = {n_tokens * V * 4})"
     # The probe does see a [tokens x vocab] tensor where one exists: in the reference.
     with _LargestTensor() as ref_mode:
-        va_opd_loss_reference(**clone_inputs(inputs), method=method, kl_estimator=kl_estimator)
+        va_opd_loss_reference(**clone_inputs(inputs), spec=LossSpec(method=method, kl_estimator=kl_estimator))
     assert ref_mode.largest >= n_tokens * V * 4
 
 

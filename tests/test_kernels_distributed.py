@@ -9,7 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from helpers import clone_inputs, make_inputs
-from vaopd.kernels import va_opd_loss, va_opd_loss_reference
+from vaopd.kernels import LossSpec, va_opd_loss, va_opd_loss_reference
 
 # Rows of each rank: group 1 has responses on both ranks; rank 1 also holds an all-masked row.
 SPLIT = {0: [0, 1, 2], 1: [3, 4, 5, 6]}
@@ -36,7 +36,7 @@ def _rank(rank, world, port, method, out_dir):
         mine = {k: (v[SPLIT[rank]].detach().clone().requires_grad_(k.startswith("student_h")) if v.dim() and v.shape[0] == 7 and k != "student_weight" else v)
                 for k, v in inputs.items()}
         mine["student_weight"] = inputs["student_weight"].detach().clone().requires_grad_()
-        loss, stats = va_opd_loss(**mine, method=method, num_prompts=3, backend="torch", chunk_size=4, process_group=dist.group.WORLD)
+        loss, stats = va_opd_loss(**mine, spec=LossSpec(method=method), num_prompts=3, backend="torch", chunk_size=4, process_group=dist.group.WORLD)
         loss.backward()
         torch.save(dict(loss=loss.detach(), coef=stats["coef"], kl=stats["kl"], d_hidden=mine["student_hidden"].grad,
                         d_weight=mine["student_weight"].grad), os.path.join(out_dir, f"rank{rank}.pt"))
@@ -49,7 +49,7 @@ def test_two_ranks_with_split_siblings_match_one_process(tmp_path, method):
     mp.spawn(_rank, args=(2, _free_port(), method, str(tmp_path)), nprocs=2, join=True)
     parts = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     inputs = clone_inputs(_inputs())
-    loss, stats = va_opd_loss_reference(**inputs, method=method)
+    loss, stats = va_opd_loss_reference(**inputs, spec=LossSpec(method=method))
     loss.backward()
     torch.testing.assert_close(parts[0]["loss"] + parts[1]["loss"], loss, rtol=1e-5, atol=1e-6)
     for key in ("coef", "kl"):

@@ -12,9 +12,9 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import vaopd.kernels.fused as fused
+import vaopd.kernels.va_opd as va_opd
 from helpers import clone_inputs, make_inputs
-from vaopd.kernels import va_opd_loss
+from vaopd.kernels import LossSpec, va_opd_loss
 
 aten = torch.ops.aten
 V = 211
@@ -78,13 +78,13 @@ def test_the_detector_sees_each_kind_of_sync():
 @pytest.fixture
 def loop_detector(monkeypatch):
     """A ``SyncDetector`` active over every ``distill_forward`` call (the chunk loops)."""
-    detector, inner = SyncDetector(), fused.distill_forward
+    detector, inner = SyncDetector(), va_opd.distill_forward
 
     def watched(*args, **kwargs):
         with detector:
             return inner(*args, **kwargs)
 
-    monkeypatch.setattr(fused, "distill_forward", watched)
+    monkeypatch.setattr(va_opd, "distill_forward", watched)
     return detector
 
 
@@ -103,7 +103,7 @@ GROUPS, LENGTHS = [0, 2, 0, 1, 2, 2, 3, 1], [5, 4, 4, 0, 1, 8, 6, 4]
 @pytest.mark.parametrize("method, kl_estimator", [("va_opd", "full"), ("va_opd", "sampled"), ("opd", "full"), ("opd", "sampled")])
 def test_the_one_pass_loop_never_waits_on_the_device(loop_detector, backend, dtype, method, kl_estimator):
     inputs = clone_inputs(grouped(GROUPS, LENGTHS, dtype))
-    loss, _ = va_opd_loss(**inputs, method=method, kl_estimator=kl_estimator, backend=backend, chunk_size=16)
+    loss, _ = va_opd_loss(**inputs, spec=LossSpec(method=method, kl_estimator=kl_estimator), backend=backend, chunk_size=16)
     loss.backward()
     assert loop_detector.ops > 0, "distill_forward did not run under the detector"
     assert loop_detector.syncs == []

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from vaopd.objective import (
+    high_group,
     loss_coefficients,
     opd_coefficients,
     rollout_weights,
@@ -181,6 +182,8 @@ def test_vectorised_fast_enough_for_big_batches():
         (lambda: token_coefficients(torch.zeros(2, 3), full_mask(2, 3), torch.ones(3)), "weights must have shape"),
         (lambda: opd_coefficients(torch.tensor([[1, 0], [0, 0]]), torch.zeros(2, dtype=torch.long)), "empty response"),
         (lambda: loss_coefficients("grpo", torch.zeros(2, 3), full_mask(2, 3), torch.zeros(2, dtype=torch.long)), "method"),
+        (lambda: high_group(torch.zeros(2, 3), full_mask(2, 3), high_fraction=1.5), "high_fraction"),
+        (lambda: high_group(torch.zeros(2, 3), full_mask(2, 4)), "mask has shape"),
     ],
 )
 def test_errors(call, match):
@@ -203,3 +206,24 @@ def test_token_groups_match_a_stable_sort_under_heavy_ties():
         expected_high = set(order[: n_high[b]].tolist())
         got_high = set((c[b] == c[b].max()).nonzero().flatten().tolist()) if n_high[b] < lengths[b] else set(valid.tolist())
         assert got_high == expected_high, b
+
+
+def test_high_group_by_hand():
+    # 5 valid tokens of row 0: ceil(0.4 * 5) = 2 highest, the tie at 3.0 going to the earlier one;
+    # row 1 has one valid token (the NaN outside the mask is ignored); row 2 has none.
+    va = torch.tensor([[1.0, 3.0, 0.0, 3.0, 2.0, 9.0], [0.0, float("nan"), 5.0, 0.0, 0.0, 0.0], [9.0] * 6])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0], [1, 0, 0, 0, 0, 0], [0] * 6]).bool()
+    high = high_group(va, mask, high_fraction=0.4)
+    assert high.dtype == torch.bool
+    assert high.tolist() == [[False, True, False, True, False, False], [True] + [False] * 5, [False] * 6]
+    assert high_group(va, mask, high_fraction=0.5)[0].tolist() == [False, True, False, True, True, False]
+
+
+def test_high_group_is_where_token_coefficients_gives_the_high_share():
+    g = torch.Generator().manual_seed(4)
+    va = torch.randint(0, 4, (32, 25), generator=g).float()  # ties everywhere
+    mask = torch.rand(32, 25, generator=g) > 0.4
+    mask[:, 3] = True
+    for fraction in (0.2, 0.5, 1.0):
+        expected = token_coefficients(va, mask, torch.ones(32), high_fraction=fraction, high_weight=1.0) > 0
+        assert torch.equal(high_group(va, mask, fraction), expected)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from vaopd.kernels import va_opd_loss_reference
+from vaopd.kernels import LossSpec, va_opd_loss_reference
 from vaopd.objective import loss_coefficients
 
 from helpers import make_inputs
@@ -15,7 +15,7 @@ def test_two_token_vocabulary_kl_is_analytic():
     tw = torch.zeros(2, 1)
     loss, stats = va_opd_loss_reference(
         sh, sw, th, None, tw, torch.tensor([[1]]), torch.ones(1, 1, dtype=torch.bool),
-        torch.zeros(1, dtype=torch.long), method="opd",
+        torch.zeros(1, dtype=torch.long), spec=LossSpec(method="opd"),
     )
     expected = 0.25 * torch.log(torch.tensor(0.5)) + 0.75 * torch.log(torch.tensor(1.5))
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
@@ -86,7 +86,7 @@ def test_fully_masked_rows_contribute_zero():
 
 def test_sampled_estimator_value_and_policy_gradient():
     inputs = make_inputs(seed=6)
-    loss, stats = va_opd_loss_reference(**inputs, kl_estimator="sampled")
+    loss, stats = va_opd_loss_reference(**inputs, spec=LossSpec(kl_estimator="sampled"))
     k = stats["student_logp"] - stats["teacher_logp"]
     torch.testing.assert_close(stats["kl"], k * inputs["mask"])
     assert loss.item() == pytest.approx((stats["coef"] * k).sum().item() / 2, rel=1e-5)
@@ -101,11 +101,11 @@ def test_sampled_estimator_value_and_policy_gradient():
 
 def test_opd_method_and_num_prompts():
     inputs = make_inputs(seed=7)
-    loss, stats = va_opd_loss_reference(**inputs, method="opd")
+    loss, stats = va_opd_loss_reference(**inputs, spec=LossSpec(method="opd"))
     mask = inputs["mask"]
     per_response = (stats["kl"] * mask).sum(1) / mask.sum(1)
     assert loss.item() == pytest.approx(per_response.mean().item(), rel=1e-5)
-    loss4, _ = va_opd_loss_reference(**inputs, method="opd", num_prompts=4)
+    loss4, _ = va_opd_loss_reference(**inputs, spec=LossSpec(method="opd"), num_prompts=4)
     assert loss4.item() == pytest.approx(loss.item() / 2, rel=1e-6)
 
 
@@ -121,8 +121,7 @@ def test_each_group_of_coefficients_sums_to_one():
 @pytest.mark.parametrize(
     "change, match",
     [
-        (dict(method="sft"), "method"),
-        (dict(kl_estimator="k3"), "kl_estimator"),
+        (dict(spec="opd"), "spec must be a vaopd.kernels.LossSpec"),
         (dict(teacher_ablated_hidden=None), "teacher_ablated_hidden is required"),
         (dict(tokens=torch.full((4, 7), 19)), "tokens holds id 19"),
         (dict(tokens=torch.zeros(4, 7)), "tokens must be an int64"),
@@ -140,6 +139,6 @@ def test_each_group_of_coefficients_sums_to_one():
 def test_errors_name_the_argument(change, match):
     inputs = make_inputs()
     inputs.update(change)
-    kwargs = {k: inputs.pop(k) for k in list(inputs) if k in ("method", "kl_estimator", "vocab_size", "num_prompts")}
+    kwargs = {k: inputs.pop(k) for k in list(inputs) if k in ("spec", "vocab_size", "num_prompts")}
     with pytest.raises(ValueError, match=match):
         va_opd_loss_reference(**inputs, **kwargs)

@@ -13,7 +13,7 @@ import vaopd.step as step_mod
 from tests.trainer_utils import max_diff, state, tiny_config
 from vaopd.checkpoint import latest_checkpoint, load_trainer_state
 from vaopd.data import tiny_records
-from vaopd.kernels import va_opd_loss
+from vaopd.kernels import LossSpec, va_opd_loss
 from vaopd.rollout import HFGenerate, banned_token_ids, encode_prompts, response_mask
 from vaopd.tiny import build_image_processor, build_model, build_tokenizer
 from vaopd.models import VocabularyError
@@ -54,7 +54,7 @@ def fixed_batch_kl(student, teacher, tokens, mask, prompts) -> float:
         t_hidden, _ = teacher_hidden(teacher, prompts, None, tokens, mask)
         s_hidden = student.model(**scoring_inputs(prompts, tokens, mask)).last_hidden_state[:, lp - 1:]
         _, stats = va_opd_loss(s_hidden, student.lm_head.weight, t_hidden, None, teacher.lm_head.weight, tokens, mask,
-                               torch.arange(tokens.shape[0]), method="opd", vocab_size=len(build_tokenizer()))
+                               torch.arange(tokens.shape[0]), spec=LossSpec(method="opd"), vocab_size=len(build_tokenizer()))
     return float(stats["kl"][mask].mean())
 
 

@@ -1,3 +1,6 @@
-from vaopd.torchvision_ops import define_missing_torchvision_ops
+"""vaopd: a trainer and a fused loss for Visual-Advantage On-Policy Distillation of VLMs.
 
-define_missing_torchvision_ops()  # before anything imports transformers (see vaopd.torchvision_ops)
+Importing the package does nothing process-wide; ``vaopd.kernels`` (the loss) needs nothing of
+the trainer. Trainer modules that import transformers, peft or vLLM import
+``vaopd.torchvision_ops`` first (see there why).
+"""

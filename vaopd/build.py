@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from vaopd import torchvision_ops  # noqa: F401  first: transformers may import torchvision (see there)
 from vaopd.config import Config, ConfigError
 from vaopd.data import Dataset, load_dataset
 from vaopd.distributed import DistEnv, Parallel, launched_by_torchrun, replicate, shard_model

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from vaopd import torchvision_ops  # noqa: F401  first: transformers may import torchvision (see there)
 from vaopd.checkpoint import is_sharded_checkpoint, load_sharded_state, verify_checkpoint
 from vaopd.manifest import write_manifest
 from vaopd.selection import resolve_checkpoint

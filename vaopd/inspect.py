@@ -40,12 +40,11 @@ def write_rollouts(path: Path, *, step: int, method: str, tokenizer, tokens: tor
     The high group is the one the loss uses (``ceil(high_fraction * L)`` largest teacher VA).
     """
     from vaopd.eval import grade
-    from vaopd.objective import token_coefficients
+    from vaopd.objective import high_group
 
     mask = mask.bool()
     va = (teacher_logp - teacher_ablated_logp).clamp_min(0)
-    ones = torch.ones(mask.shape[0], device=mask.device)
-    high = token_coefficients(torch.where(mask, va, 0.0), mask, ones, high_fraction=high_fraction, high_weight=1.0) > 0
+    high = high_group(va, mask, high_fraction)
     with open(path, "a", encoding="utf-8") as f:
         for row in range(tokens.shape[0]):
             keep = mask[row]

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from vaopd.atomic_io import atomic_write_text
-from vaopd.objective import token_coefficients
+from vaopd.objective import high_group
 
 __all__ = ["MetricsLogger", "JsonlError", "check_jsonl", "truncate_jsonl", "token_stats"]
 
@@ -74,9 +74,7 @@ def token_stats(stats: dict[str, torch.Tensor], mask: torch.Tensor, high_fractio
     """
     mask = mask.bool()
     va = stats["va"].float()
-    ones = torch.ones(mask.shape[0], device=mask.device)
-    # high_weight=1 gives a nonzero coefficient exactly on the high group.
-    high = token_coefficients(va, mask, ones, high_fraction=high_fraction, high_weight=1.0) > 0
+    high = high_group(va, mask, high_fraction)
     return {
         "tokens": float(mask.sum()),
         "kl_sum": float(stats["kl"].float()[mask].sum()),

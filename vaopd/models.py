@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from vaopd import torchvision_ops  # noqa: F401  first: transformers may import torchvision (see there)
 from vaopd.config import Config, ConfigError
 from vaopd.tiny import build_image_processor, build_model, build_tokenizer, is_tiny
 

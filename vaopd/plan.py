@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from vaopd import torchvision_ops  # noqa: F401  first: transformers may import torchvision (see there)
 from vaopd.config import Config
 from vaopd.data import load_dataset
 from vaopd.models import attn_implementation, base_model, check_vocabularies, load_pretrained, loading, resolve_device, use_bf16

@@ -44,7 +44,7 @@ from vaopd.config import Config
 from vaopd.data import step_indices
 from vaopd.distributed import clip_grad_norm, generate_slots, reduce_sums, rollout_seed, slot_layout
 from vaopd.inspect import write_rollouts
-from vaopd.kernels import fused_linear_logprobs, va_opd_loss
+from vaopd.kernels import LossSpec, fused_linear_logprobs, va_opd_loss
 from vaopd.metrics import token_stats
 from vaopd.models import base_model
 from vaopd.rollout import PromptBatch, encode_prompts, prompt_pixels
@@ -205,9 +205,10 @@ def train_step(cfg: Config, s: Setup, optimizer, scheduler, step: int, timer: Ti
     s_weight = base_model(s.student).get_output_embeddings().weight
     teacher = s.teacher if par is None or par.teacher is None else par.teacher
     compute_dtype = torch.bfloat16 if s.bf16 else torch.float32
-    loss_options = dict(method=cfg.loss.method, kl_estimator=cfg.loss.kl_estimator, vocab_size=s.vocab_size, num_prompts=P,
-                        temperature=cfg.loss.weight_temperature, high_fraction=cfg.loss.high_fraction,
-                        high_weight=cfg.loss.high_weight, backend=cfg.loss.backend, chunk_size=cfg.loss.chunk_size or None)
+    spec = LossSpec(method=cfg.loss.method, kl_estimator=cfg.loss.kl_estimator, weight_temperature=cfg.loss.weight_temperature,
+                    high_fraction=cfg.loss.high_fraction, high_weight=cfg.loss.high_weight)
+    loss_options = dict(spec=spec, vocab_size=s.vocab_size, num_prompts=P, backend=cfg.loss.backend,
+                        chunk_size=cfg.loss.chunk_size or None)
     truncated = ~(torch.isin(tokens, torch.tensor(s.eos_ids)) & mask.bool()).any(dim=1)  # no EOS among the valid tokens
     # Padding: rollout positions per valid response token, and scored (prompt + response)
     # positions per valid one in the teacher's and student's passes.

@@ -11,6 +11,7 @@ random model barely looks at the image and the visual advantage would be ~0 (see
 from __future__ import annotations
 
 import torch
+from vaopd import torchvision_ops  # noqa: F401  first: transformers may import torchvision (see there)
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen3VLConfig, Qwen3VLForConditionalGeneration
 

@@ -5,8 +5,13 @@ the CPU torch. Importing it still registers fake (meta) kernels for ``torchvisio
 ``torchvision::qnms``, which fails with "operator torchvision::nms does not exist". transformers
 imports torchvision whenever it is installed (image utilities, Qwen-VL processors), so in that
 environment every transformers model import failed. Defining the two op schemas first is enough:
-the ops themselves are never called. ``vaopd/__init__.py`` runs this before anything imports
-transformers; it does nothing where torchvision is absent or its compiled library loads.
+the ops themselves are never called.
+
+Importing this module defines them (once per process), so every trainer module that imports
+transformers, peft or vLLM (at its top or inside a function) imports this module before them;
+``tests/test_torchvision_ops.py`` checks both the rule and the trainer's entry points. It does
+nothing where torchvision is absent or its compiled library loads (then that library defines the
+real ops), and nothing when torchvision is already imported.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ _schemas = None  # the torch.library.Library owning the stand-in schemas (must s
 
 
 def define_missing_torchvision_ops() -> None:
+    """Define ``torchvision::nms`` and ``qnms`` schemas when an installed torchvision cannot load its own."""
     global _schemas
     if _schemas is not None or "torchvision" in sys.modules:
         return
@@ -43,3 +49,6 @@ def define_missing_torchvision_ops() -> None:
 def stand_ins_defined() -> bool:
     """True when this process runs with the stand-in schemas (a fresh interpreter needs them too)."""
     return _schemas is not None
+
+
+define_missing_torchvision_ops()

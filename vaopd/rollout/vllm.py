@@ -54,8 +54,8 @@ def _import_vllm():
 
     if torchvision_ops.stand_ins_defined():
         # vLLM inspects a model class once in a fresh interpreter (then caches the result); that
-        # interpreter needs the torchvision stand-ins too, so let it import vaopd first.
-        registry._SUBPROCESS_COMMAND = [sys.executable, "-c", "import vaopd, runpy; runpy.run_module("
+        # interpreter needs the torchvision stand-ins too, so let it import vaopd.torchvision_ops first.
+        registry._SUBPROCESS_COMMAND = [sys.executable, "-c", "import vaopd.torchvision_ops, runpy; runpy.run_module("
                                         "'vllm.model_executor.models.registry', run_name='__main__')"]
     return vllm
 

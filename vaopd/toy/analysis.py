@@ -20,7 +20,7 @@ import torch
 from vaopd.ablate import ablate
 from vaopd.eval import evaluate
 from vaopd.kernels import fused_linear_logprobs
-from vaopd.objective import token_coefficients
+from vaopd.objective import high_group
 from vaopd.rollout import HFGenerate, banned_token_ids, encode_prompts, prompt_pixels
 from vaopd.models import eos_token_ids
 from vaopd.scoring import scoring_inputs
@@ -102,7 +102,7 @@ def visual_profile(student, teacher, tokenizer, image_processor, records, kinds:
             t_clean, t_abl = token_logps(teacher, batch, abl, tokens, mask, vocab)
             s_clean, s_abl = token_logps(student, batch, abl, tokens, mask, vocab)
             va = torch.where(mask, (t_clean - t_abl).clamp_min(0), 0.0)
-            high = token_coefficients(va, mask, torch.ones(len(rows)), high_fraction=high_fraction, high_weight=1.0) > 0
+            high = high_group(va, mask, high_fraction)
             reliance = s_clean - s_abl
             for kind in set(kinds[r.id] for r in chunk):
                 sel = torch.tensor([kinds[chunk[int(i)].id] == kind for i in rows])

@@ -45,6 +45,8 @@ import multiprocessing
 
 import torch
 
+from vaopd import torchvision_ops  # noqa: F401  first: transformers may import torchvision (see there)
+
 __all__ = ["Settings", "REGIMES", "QUICK", "settings_for", "paired_differences", "t_quantile", "sweep", "run", "main"]
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
