@@ -47,9 +47,9 @@ def setting(default: Any = _UNSET, *, safe: bool = False, was: Any = _UNSET, **b
 
 class Section(BaseModel):
     """A config section: strict types (an int is accepted for a float, nothing else is coerced),
-    finite numbers, no unknown keys, checked on assignment too."""
+    finite numbers, no unknown keys."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
     resume_safe: ClassVar[bool] = False  # True: --resume may change every field of this section
 
     @model_validator(mode="before")
