@@ -38,7 +38,8 @@ _UNSET = object()
 def setting(default: Any = _UNSET, *, safe: bool = False, was: Any = _UNSET, **bounds: Any) -> Any:
     """A config field: its default, pydantic ``bounds`` (``ge``, ``gt``, ``le``, ``lt``,
     ``min_length``), ``safe``: whether ``--resume`` may change it, ``was``: the value that meant
-    "not set" before ``None`` did (read as ``None``)."""
+    "not set" before ``None`` did (read as ``None``). A section class as ``default`` gives each
+    config its own instance."""
     extra = {"resume_safe": safe} | ({} if was is _UNSET else {"was": was})
     if isinstance(default, type):
         return Field(default_factory=default, json_schema_extra=extra, **bounds)
@@ -69,8 +70,9 @@ def _is_old_unset(value: Any, was: Any) -> bool:
     return was is not _UNSET and not isinstance(value, bool) and value == was
 
 
-def _extra(section: type[BaseModel], name: str) -> dict:
-    info = section.model_fields.get(name)
+def _extra(section: type[BaseModel] | None, name: Any) -> dict:
+    """A field's ``setting`` flags (``resume_safe``, ``was``); empty for anything else."""
+    info = section.model_fields.get(name) if section is not None and isinstance(name, str) else None
     return (info.json_schema_extra or {}) if info is not None else {}
 
 
@@ -391,6 +393,13 @@ def _bounds(section: type[BaseModel] | None, name: Any) -> str | None:
     return None
 
 
+_PLAIN_MESSAGES = {
+    "finite_number": "must be a finite number", "int_type": "must be an integer", "int_from_float": "must be an integer",
+    "float_type": "must be a number", "bool_type": "must be true or false", "string_type": "must be a string",
+    "list_type": "must be a list", "model_type": "must be a mapping",
+}
+
+
 def _message(err: dict) -> str:
     """One line for one pydantic error: the dotted key, what is wrong, the value given."""
     loc = err["loc"]
@@ -407,24 +416,12 @@ def _message(err: dict) -> str:
         return f"{key}: unknown config key ({hint}valid keys here: {', '.join(sorted(names))})"
     if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
         what = f"must be {_bounds(section, loc[-1]) or err['msg']}"
-        if isinstance(loc[-1], str) and "was" in _extra(section, loc[-1]):
+        if "was" in _extra(section, loc[-1]):
             what += " (or null: not set)"
     elif kind == "literal_error":
         what = f"must be one of {list(typing.get_args(section.model_fields[loc[-1]].annotation))}"
-    elif kind == "finite_number":
-        what = "must be a finite number"
-    elif kind in ("int_type", "int_from_float"):
-        what = "must be an integer"
-    elif kind in ("float_type", "float_parsing"):
-        what = "must be a number"
-    elif kind == "bool_type":
-        what = "must be true or false"
-    elif kind == "string_type":
-        what = "must be a string"
-    elif kind == "list_type":
-        what = "must be a list"
-    elif kind in ("model_type", "dict_type"):
-        what = "must be a mapping"
+    elif kind in _PLAIN_MESSAGES:
+        what = _PLAIN_MESSAGES[kind]
     elif kind == "string_too_short":
         what = "must not be empty" + (" (null: not set)" if "was" in _extra(section, loc[-1]) else "")
     elif kind == "too_short":
@@ -484,7 +481,7 @@ def resume_changes(saved: dict, cfg: Config) -> tuple[list[str], list[str]]:
     A saved value in an older "not set" spelling (``chunk_size: 0``) equals ``None``. A key the
     saved config lacks (added to vaopd since) counts only when ``cfg`` moves it off its default.
     """
-    new, default = _flatten(to_dict(cfg)), _flatten(to_dict(Config()))
+    new, default = _flatten(to_dict(cfg)), _flatten(to_dict(Config.model_construct()))
     old = {}
     for key, value in _flatten(saved).items():
         old[key] = None if _is_old_unset(value, _FIELDS.get(key, (False, _UNSET))[1]) else value
