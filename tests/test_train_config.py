@@ -156,7 +156,7 @@ def test_zero_is_not_null_where_it_is_a_value_and_bools_are_not_numbers():
     assert (cfg.optim.weight_decay, cfg.optim.min_lr_ratio, cfg.loss.blur_radius, cfg.train.seed) == (0, 0, 0, 0)
     with pytest.raises(ConfigError, match=r"^loss\.chunk_size: must be an integer, got False"):
         load_config(None, ["loss.chunk_size=false"])
-    with pytest.raises(ConfigError, match=r"^loss\.chunk_size: must be >= 1 \(or null: not set\), got -3"):
+    with pytest.raises(ConfigError, match=r"^loss\.chunk_size: must be > 0 \(or null: not set\), got -3"):
         load_config(None, ["loss.chunk_size=-3"])
 
 
@@ -202,11 +202,11 @@ def test_resume_policy_of_every_field():
 # --- bad input: one clear line naming the key or the file (issue 20) ----------------------------
 
 @pytest.mark.parametrize("override, message", [
-    ("data.tiny_train_size=0", r"^data\.tiny_train_size: must be >= 1, got 0$"),
-    ("data.tiny_val_size=0", r"^data\.tiny_val_size: must be >= 1, got 0$"),
-    ("eval.batch_prompts=0", r"^eval\.batch_prompts: must be >= 1, got 0$"),
-    ("train.max_bad_steps=0", r"^train\.max_bad_steps: must be >= 1, got 0$"),
-    ("log.rollouts_per_log=0", r"^log\.rollouts_per_log: must be >= 1, got 0$"),
+    ("data.tiny_train_size=0", r"^data\.tiny_train_size: must be > 0, got 0$"),
+    ("data.tiny_val_size=0", r"^data\.tiny_val_size: must be > 0, got 0$"),
+    ("eval.batch_prompts=0", r"^eval\.batch_prompts: must be > 0, got 0$"),
+    ("train.max_bad_steps=0", r"^train\.max_bad_steps: must be > 0, got 0$"),
+    ("log.rollouts_per_log=0", r"^log\.rollouts_per_log: must be > 0, got 0$"),
     ("model.lora.target_modules=[]", r"^model\.lora\.target_modules: must have at least 1 item"),
     ("model.lora.dropout=1", r"^model\.lora\.dropout: must be in \[0, 1\), got 1$"),
     ("data.train=", r"^data\.train: must not be empty"),
@@ -272,4 +272,4 @@ def test_run_dir_that_is_a_file_is_refused(tmp_path, capsys):
 
 def test_tiny_train_size_zero_is_a_config_error_not_a_crash(capsys):
     assert main(["--set", "data.tiny_train_size=0", "--dry-run"]) == 2
-    assert capsys.readouterr().err == "error: data.tiny_train_size: must be >= 1, got 0\n"
+    assert capsys.readouterr().err == "error: data.tiny_train_size: must be > 0, got 0\n"

@@ -78,8 +78,8 @@ def _extra(section: type[BaseModel] | None, name: Any) -> dict:
 
 class LoraConfig(Section):
     enabled: bool = False
-    r: int = setting(16, ge=1)
-    alpha: int = setting(32, ge=1)
+    r: int = setting(16, gt=0)
+    alpha: int = setting(32, gt=0)
     dropout: float = setting(0.0, ge=0, lt=1)
     target_modules: list[str] = setting(["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1)
 
@@ -107,11 +107,11 @@ class DataConfig(Section):
     id_key: str | None = setting(None, was="", min_length=1)  # null: the record's line/row number
     image_root: str | None = setting(None, was="", min_length=1)  # relative image paths; null: the data file's folder
     skip_bad_records: bool = False
-    tiny_train_size: int = setting(64, ge=1)
-    tiny_val_size: int = setting(8, safe=True, ge=1)
+    tiny_train_size: int = setting(64, gt=0)
+    tiny_val_size: int = setting(8, safe=True, gt=0)
     # Image pixel bounds given to the Qwen-VL image processor (it resizes into them).
-    min_pixels: int = setting(32 * 32, ge=1)
-    max_pixels: int = setting(64 * 64, ge=1)
+    min_pixels: int = setting(32 * 32, gt=0)
+    max_pixels: int = setting(64 * 64, gt=0)
     # Appended to every question (the usual boxed-answer instruction).
     instruction: str = " Put the final answer in \\boxed{}."
 
@@ -129,20 +129,20 @@ class VLLMConfig(Section):
     kv_cache_gib: float = setting(1.0, gt=0)
     # Longest prompt + response the engine accepts; null: the model's context length (its KV cache
     # must hold one such sequence: set this for long-context models on a small memory share).
-    max_model_len: int | None = setting(None, was=0, ge=1)
+    max_model_len: int | None = setting(None, was=0, gt=0)
 
 
 class RolloutConfig(Section):
     # hf: transformers generate on the student itself. vllm: an in-process vLLM engine whose
     # weights follow the student (needs the vllm extra in its own environment: README, "Three commands").
     engine: Literal["hf", "vllm"] = setting("hf", safe=True)
-    samples_per_prompt: int = setting(4, ge=1)
+    samples_per_prompt: int = setting(4, gt=0)
     temperature: float = setting(0.7, gt=0)
     top_p: float = setting(0.95, gt=0, le=1)
-    top_k: int | None = setting(None, was=0, ge=1)  # null: no top-k filter
-    max_new_tokens: int = setting(16, ge=1)
+    top_k: int | None = setting(None, was=0, gt=0)  # null: no top-k filter
+    max_new_tokens: int = setting(16, gt=0)
     # Prompts per generate() call (hf engine); null: all prompts of the optimizer step in one call.
-    batch_prompts: int | None = setting(None, was=0, ge=1)
+    batch_prompts: int | None = setting(None, was=0, gt=0)
     vllm: VLLMConfig = setting(VLLMConfig)
 
 
@@ -153,12 +153,12 @@ class LossConfig(Section):
     high_weight: float = setting(0.5, ge=0, le=1)
     weight_temperature: float = setting(1.0, gt=0)
     backend: Literal["auto", "triton", "torch"] = "auto"
-    chunk_size: int | None = setting(None, was=0, ge=1)  # token rows per chunk; null: the kernel's default
+    chunk_size: int | None = setting(None, was=0, gt=0)  # token rows per chunk; null: the kernel's default
     ablation: Literal["pixelate", "blur", "noise", "patch_mask"] = "pixelate"
     pixelate_factor: float = setting(0.1, gt=0, le=1)
     blur_radius: float = setting(4.0, ge=0)
     noise_std: float = setting(64.0, ge=0)  # in 0..255 pixel units
-    patch_size: int = setting(16, ge=1)
+    patch_size: int = setting(16, gt=0)
     patch_fraction: float = setting(0.5, gt=0, le=1)
 
 
@@ -189,22 +189,22 @@ class TrainConfig(Section):
     seed: int = 0
     device: str = setting("auto", safe=True)  # auto: cuda when available, else cpu
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on cuda, fp32 on cpu
-    prompts_per_step: int = setting(4, ge=1)
+    prompts_per_step: int = setting(4, gt=0)
     # Prompts per micro-batch (whole sibling groups); null: the whole optimizer step at once.
-    micro_batch_prompts: int | None = setting(None, was=0, ge=1)
+    micro_batch_prompts: int | None = setting(None, was=0, gt=0)
     # Single process: fill micro-batches with sibling groups of similar response length (less
     # padding in teacher scoring and the student's passes; the step's gradient is unchanged).
     length_buckets: bool = True
     # Optimizer steps of the run (the schedule's length); null: epochs * (train records // prompts_per_step).
-    max_steps: int | None = setting(None, safe=True, was=0, ge=1)
+    max_steps: int | None = setting(None, safe=True, was=0, gt=0)
     epochs: float | None = setting(1.0, safe=True, was=0, gt=0)  # read when max_steps is null
     # End this run after this many steps (checkpoint saved) without changing the schedule,
     # e.g. to fit a job's time limit; null: run to max_steps.
-    stop_after: int | None = setting(None, safe=True, was=0, ge=1)
-    checkpoint_every: int | None = setting(None, safe=True, was=0, ge=1)  # null: only at the end
+    stop_after: int | None = setting(None, safe=True, was=0, gt=0)
+    checkpoint_every: int | None = setting(None, safe=True, was=0, gt=0)  # null: only at the end
     # Newest checkpoints kept (the best one, see eval, is kept as well); null: keep every checkpoint.
-    keep_checkpoints: int | None = setting(2, safe=True, was=-1, ge=1)
-    max_bad_steps: int = setting(3, safe=True, ge=1)  # consecutive non-finite steps before aborting
+    keep_checkpoints: int | None = setting(2, safe=True, was=-1, gt=0)
+    max_bad_steps: int = setting(3, safe=True, gt=0)  # consecutive non-finite steps before aborting
 
     @field_validator("name")
     @classmethod
@@ -225,19 +225,19 @@ class TrainConfig(Section):
 class SubsetConfig(Section):
     # Validate on `count` questions of data.val drawn without replacement with random.Random(seed)
     # (kept in file order); null: every question.
-    count: int | None = setting(None, was=0, ge=1)
+    count: int | None = setting(None, was=0, gt=0)
     seed: int = 42
 
 
 class EvalConfig(Section):
     resume_safe: ClassVar[bool] = True
-    every: int | None = setting(None, was=0, ge=1)  # null: only at the end (when data.val is set)
-    samples: int = setting(2, ge=1)
+    every: int | None = setting(None, was=0, gt=0)  # null: only at the end (when data.val is set)
+    samples: int = setting(2, gt=0)
     temperature: float = setting(1.0, gt=0)
     top_p: float = setting(1.0, gt=0, le=1)
-    max_new_tokens: int = setting(16, ge=1)
-    max_questions: int | None = setting(None, was=0, ge=1)  # the first N of the subset; null: all
-    batch_prompts: int = setting(8, ge=1)
+    max_new_tokens: int = setting(16, gt=0)
+    max_questions: int | None = setting(None, was=0, gt=0)  # the first N of the subset; null: all
+    batch_prompts: int = setting(8, gt=0)
     subset: SubsetConfig = setting(SubsetConfig)
     # first_boxed_mathruler: the first \boxed{} or answer marker, mathruler's grade_answer (the
     # method authors' rule); math_verify: math-verify on the whole response (vaopd.grading).
@@ -254,8 +254,8 @@ class LogConfig(Section):
     # Every N steps (and at the first), per-token data of the step's first `rollouts_per_log`
     # rollouts go to <run_dir>/rollouts.jsonl for `python -m vaopd.inspect`; null: off.
     # Single-process runs only (not under torchrun).
-    rollouts_every: int | None = setting(None, was=0, ge=1)
-    rollouts_per_log: int = setting(4, ge=1)
+    rollouts_every: int | None = setting(None, was=0, gt=0)
+    rollouts_per_log: int = setting(4, gt=0)
 
 
 class DistributedConfig(Section):
