@@ -16,7 +16,6 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-
 from vaopd.checkpoint import CheckpointError, step_checkpoints, verify_checkpoint
 from vaopd.config import Config, read_config_file, resume_changes
 from vaopd.metrics import check_jsonl
