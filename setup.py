@@ -22,6 +22,7 @@ setup(
         "numpy",
         "pillow",
         "pyyaml",
+        "pydantic>=2.6,<3",  # vaopd.config
         "safetensors",
         "tqdm",
         "math-verify",

@@ -18,7 +18,7 @@ def test_paper_config_matches_the_authors_recipe():
     assert cfg.data.instruction == ""  # no format prompt
     assert (cfg.data.min_pixels, cfg.data.max_pixels) == (262_144, 4_194_304)
     assert (cfg.eval.subset.count, cfg.eval.subset.seed) == (200, 42)
-    assert cfg.train.keep_checkpoints == -1
+    assert cfg.train.keep_checkpoints is None  # keep every checkpoint
     assert cfg.eval.grader == "first_boxed_mathruler"
     assert (cfg.eval.samples, cfg.eval.temperature, cfg.eval.top_p) == (8, 1.0, 1.0)
     # every validation happens at a checkpoint step, so each one can select the best checkpoint
@@ -51,10 +51,10 @@ def test_bad_eval_and_keep_values(override, key):
 
 
 def test_keep_all_checkpoints(tmp_path):
-    assert load_config(None, ["train.keep_checkpoints=-1"]).train.keep_checkpoints == -1
+    assert load_config(None, ["train.keep_checkpoints=null"]).train.keep_checkpoints is None
     for step in (1, 2, 3, 4):
         (tmp_path / f"step_{step:08d}").mkdir()
-    _prune(tmp_path, -1)
+    _prune(tmp_path, None)
     assert len(list(tmp_path.iterdir())) == 4
     _prune(tmp_path, 1, protect=(2,))  # the newest plus the protected (best) one
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000002", "step_00000004"]

@@ -14,10 +14,10 @@ from vaopd.train import main
 
 @pytest.mark.parametrize("overrides, message", [
     (["rollout.engine=sglang"], r"^rollout\.engine: must be one of \['hf', 'vllm'\]"),
-    (["rollout.top_k=-1"], r"^rollout\.top_k: must be >= 0"),
+    (["rollout.top_k=-1"], r"^rollout\.top_k: must be > 0 \(or null: not set\)"),
     (["rollout.vllm.gpu_memory_utilization=0"], r"^rollout\.vllm\.gpu_memory_utilization: must be in \(0, 1\]"),
     (["rollout.vllm.kv_cache_gib=0"], r"^rollout\.vllm\.kv_cache_gib: must be > 0"),
-    (["rollout.vllm.max_model_len=-5"], r"^rollout\.vllm\.max_model_len: must be >= 0"),
+    (["rollout.vllm.max_model_len=-5"], r"^rollout\.vllm\.max_model_len: must be > 0"),
     (["rollout.engine=vllm", "model.lora.enabled=true"], r"^rollout\.engine: vllm does not sample from a LoRA student"),
     (["train.device=cpu", "rollout.vllm.sleep_mode=true"], r"^rollout\.vllm\.sleep_mode: vLLM's sleep mode needs a CUDA GPU"),
 ])

@@ -108,9 +108,9 @@ def _publish(tmp: Path, final: Path) -> None:
 
 def save_checkpoint(
     checkpoints_dir: Path, step: int, *, model, tokenizer, image_processor, trainer_state: dict,
-    config_yaml: str, keep: int, protect: tuple[int, ...] = (),
+    config_yaml: str, keep: int | None, protect: tuple[int, ...] = (),
 ) -> Path:
-    """Write checkpoint ``step`` atomically; keep the newest ``keep`` checkpoints (-1: all) and the
+    """Write checkpoint ``step`` atomically; keep the newest ``keep`` checkpoints (None: all) and the
     steps in ``protect`` (the best checkpoint). Returns its path."""
     checkpoints_dir = Path(checkpoints_dir)
     checkpoints_dir.mkdir(parents=True, exist_ok=True)
@@ -133,9 +133,9 @@ def save_checkpoint(
     return final
 
 
-def _prune(checkpoints_dir: Path, keep: int, protect: tuple[int, ...] = ()) -> None:
-    """Delete all but the newest ``keep`` checkpoints and the ``protect`` steps; ``keep = -1`` keeps all."""
-    if keep < 0:
+def _prune(checkpoints_dir: Path, keep: int | None, protect: tuple[int, ...] = ()) -> None:
+    """Delete all but the newest ``keep`` checkpoints and the ``protect`` steps; ``keep = None`` keeps all."""
+    if keep is None:
         return
     for old in sorted(p for p in checkpoints_dir.iterdir() if _STEP_DIR.match(p.name))[:-keep]:
         if int(_STEP_DIR.match(old.name).group(1)) not in protect:
@@ -144,7 +144,7 @@ def _prune(checkpoints_dir: Path, keep: int, protect: tuple[int, ...] = ()) -> N
 
 def save_sharded_checkpoint(
     checkpoints_dir: Path, step: int, *, model, optimizer, tokenizer, image_processor, trainer_state: dict,
-    config_yaml: str, keep: int, protect: tuple[int, ...] = (),
+    config_yaml: str, keep: int | None, protect: tuple[int, ...] = (),
 ) -> Path:
     """Collective (every rank calls it): write checkpoint ``step`` in the sharded layout.
 

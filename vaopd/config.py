@@ -1,363 +1,339 @@
-"""Typed trainer configuration: dataclasses, YAML files and dotted ``--set`` overrides.
+"""Typed trainer configuration: pydantic sections, YAML files and dotted ``--set`` overrides.
 
-Every section is a dataclass; ``load_config`` merges defaults < YAML file < overrides, checks
-types, rejects unknown keys and validates values. Every error is a ``ConfigError`` whose message
-starts with the dotted key at fault (``optim.lr: must be > 0, got -1``).
+Each field states its type, default and bounds, whether ``--resume`` may change it (``safe=True``:
+it changes how the run logs, validates, checkpoints, how long it runs or where, not the
+optimisation being continued; a section with ``resume_safe = True`` is safe as a whole), and for an
+optional field the older spelling of "not set" that still reads as ``None`` (``was=0``, ``-1`` or
+``""``). ``None`` (YAML ``null``) always means "not set": the feature is off, or the value is
+derived as the field's comment says. Every number is taken literally.
+
+``load_config`` merges defaults < YAML file < overrides; every error is a ``ConfigError`` whose
+message starts with the dotted key at fault (``optim.lr: must be > 0, got -1``).
 """
 from __future__ import annotations
 
-import dataclasses
+import difflib
 import re
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 __all__ = [
     "ConfigError", "ModelConfig", "LoraConfig", "DataConfig", "VLLMConfig", "RolloutConfig", "LossConfig",
-    "OptimConfig", "TrainConfig", "SubsetConfig", "EvalConfig", "LogConfig", "DistributedConfig", "Config", "load_config", "to_dict", "to_yaml",
-    "RESUME_SAFE", "resume_changes",
+    "OptimConfig", "TrainConfig", "SubsetConfig", "EvalConfig", "LogConfig", "DistributedConfig", "Config",
+    "load_config", "read_config_file", "to_dict", "to_yaml", "resume_changes",
 ]
 
 
 class ConfigError(ValueError):
-    """A bad configuration key or value; the message names the dotted key."""
+    """A bad configuration key or value; the message names the dotted key (or the file)."""
 
 
-@dataclass
-class LoraConfig:
+_UNSET = object()
+
+
+def setting(default: Any = _UNSET, *, safe: bool = False, was: Any = _UNSET, **bounds: Any) -> Any:
+    """A config field: its default, pydantic ``bounds`` (``ge``, ``gt``, ``le``, ``lt``,
+    ``min_length``), ``safe``: whether ``--resume`` may change it, ``was``: the value that meant
+    "not set" before ``None`` did (read as ``None``). A section class as ``default`` gives each
+    config its own instance."""
+    extra = {"resume_safe": safe} | ({} if was is _UNSET else {"was": was})
+    if isinstance(default, type):
+        return Field(default_factory=default, json_schema_extra=extra, **bounds)
+    return Field(default, json_schema_extra=extra, **bounds)
+
+
+class Section(BaseModel):
+    """A config section: strict types (an int is accepted for a float, nothing else is coerced),
+    finite numbers, no unknown keys."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+    resume_safe: ClassVar[bool] = False  # True: --resume may change every field of this section
+
+    @model_validator(mode="before")
+    @classmethod
+    def _read_old_unset(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        out = dict(data)
+        for name, value in data.items():
+            if _is_old_unset(value, _extra(cls, name).get("was", _UNSET)):
+                out[name] = None
+        return out
+
+
+def _is_old_unset(value: Any, was: Any) -> bool:
+    """Whether ``value`` is a field's older spelling of "not set" (``was``; never a bool)."""
+    return was is not _UNSET and not isinstance(value, bool) and value == was
+
+
+def _extra(section: type[BaseModel] | None, name: Any) -> dict:
+    """A field's ``setting`` flags (``resume_safe``, ``was``); empty for anything else."""
+    info = section.model_fields.get(name) if section is not None and isinstance(name, str) else None
+    return (info.json_schema_extra or {}) if info is not None else {}
+
+
+class LoraConfig(Section):
     enabled: bool = False
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    r: int = setting(16, gt=0)
+    alpha: int = setting(32, gt=0)
+    dropout: float = setting(0.0, ge=0, lt=1)
+    target_modules: list[str] = setting(["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1)
 
 
-@dataclass
-class ModelConfig:
+class ModelConfig(Section):
     # "tiny:student" / "tiny:teacher" build random tiny models in code (vaopd.tiny); anything
     # else is a local directory or hub id for AutoModelForImageTextToText.from_pretrained.
-    student: str = "tiny:student"
-    teacher: str = "tiny:teacher"
+    student: str = setting("tiny:student", min_length=1)
+    teacher: str = setting("tiny:teacher", min_length=1)
     # auto: flash_attention_2 when transformers reports it available, else sdpa.
-    attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
-    gradient_checkpointing: bool = False
+    attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = setting("auto", safe=True)
+    gradient_checkpointing: bool = setting(False, safe=True)
     freeze_vision: bool = False
-    lora: LoraConfig = field(default_factory=LoraConfig)
+    lora: LoraConfig = setting(LoraConfig)
 
 
-@dataclass
-class DataConfig:
+class DataConfig(Section):
     # "tiny" generates the tiny data set; otherwise a .jsonl/.json or .parquet file.
-    train: str = "tiny"
-    # Validation file, "tiny" (generated with another seed) or "" for no validation.
-    val: str = "tiny"
-    question_key: str = "problem"
-    answer_key: str = "answer"
-    image_key: str = "images"
-    id_key: str = ""  # "" uses the record's line/row number
-    image_root: str = ""  # relative image paths resolve here; "" = the data file's folder
+    train: str = setting("tiny", min_length=1)
+    # Validation file or "tiny" (generated with another seed); null: no validation.
+    val: str | None = setting("tiny", safe=True, was="", min_length=1)
+    question_key: str = setting("problem", min_length=1)
+    answer_key: str = setting("answer", min_length=1)
+    image_key: str = setting("images", min_length=1)
+    id_key: str | None = setting(None, was="", min_length=1)  # null: the record's line/row number
+    image_root: str | None = setting(None, was="", min_length=1)  # relative image paths; null: the data file's folder
     skip_bad_records: bool = False
-    tiny_train_size: int = 64
-    tiny_val_size: int = 8
+    tiny_train_size: int = setting(64, gt=0)
+    tiny_val_size: int = setting(8, safe=True, gt=0)
     # Image pixel bounds given to the Qwen-VL image processor (it resizes into them).
-    min_pixels: int = 32 * 32
-    max_pixels: int = 64 * 64
+    min_pixels: int = setting(32 * 32, gt=0)
+    max_pixels: int = setting(64 * 64, gt=0)
     # Appended to every question (the usual boxed-answer instruction).
     instruction: str = " Put the final answer in \\boxed{}."
 
 
-@dataclass
-class VLLMConfig:
+class VLLMConfig(Section):
     # Read only with rollout.engine: vllm (docs/training.md, "Rollout engines").
+    resume_safe: ClassVar[bool] = True
     # GPU: the share of the card vLLM takes for its weights and KV cache (the trainer needs the rest).
-    gpu_memory_utilization: float = 0.3
+    gpu_memory_utilization: float = setting(0.3, gt=0, le=1)
     # GPU: free vLLM's weights and KV cache while the trainer scores and updates (not on a CPU).
     sleep_mode: bool = False
     # GPU: false captures CUDA graphs (faster decoding, slower start). A CPU always runs eagerly.
     enforce_eager: bool = False
     # CPU: the KV cache size in GiB.
-    kv_cache_gib: float = 1.0
-    # Longest prompt + response the engine accepts; 0 = the model's context length (its KV cache
+    kv_cache_gib: float = setting(1.0, gt=0)
+    # Longest prompt + response the engine accepts; null: the model's context length (its KV cache
     # must hold one such sequence: set this for long-context models on a small memory share).
-    max_model_len: int = 0
+    max_model_len: int | None = setting(None, was=0, gt=0)
 
 
-@dataclass
-class RolloutConfig:
+class RolloutConfig(Section):
     # hf: transformers generate on the student itself. vllm: an in-process vLLM engine whose
     # weights follow the student (needs the vllm extra in its own environment: README, "Three commands").
-    engine: Literal["hf", "vllm"] = "hf"
-    samples_per_prompt: int = 4
-    temperature: float = 0.7
-    top_p: float = 0.95
-    top_k: int = 0  # 0 = off
-    max_new_tokens: int = 16
-    # Prompts per generate() call (hf engine); 0 = all prompts of the optimizer step in one call.
-    batch_prompts: int = 0
-    vllm: VLLMConfig = field(default_factory=VLLMConfig)
+    engine: Literal["hf", "vllm"] = setting("hf", safe=True)
+    samples_per_prompt: int = setting(4, gt=0)
+    temperature: float = setting(0.7, gt=0)
+    top_p: float = setting(0.95, gt=0, le=1)
+    top_k: int | None = setting(None, was=0, gt=0)  # null: no top-k filter
+    max_new_tokens: int = setting(16, gt=0)
+    # Prompts per generate() call (hf engine); null: all prompts of the optimizer step in one call.
+    batch_prompts: int | None = setting(None, was=0, gt=0)
+    vllm: VLLMConfig = setting(VLLMConfig)
 
 
-@dataclass
-class LossConfig:
+class LossConfig(Section):
     method: Literal["va_opd", "opd"] = "va_opd"
     kl_estimator: Literal["full", "sampled"] = "full"
-    high_fraction: float = 0.2
-    high_weight: float = 0.5
-    weight_temperature: float = 1.0
+    high_fraction: float = setting(0.2, gt=0, le=1)
+    high_weight: float = setting(0.5, ge=0, le=1)
+    weight_temperature: float = setting(1.0, gt=0)
     backend: Literal["auto", "triton", "torch"] = "auto"
-    chunk_size: int = 0  # 0 = the kernel's default
+    chunk_size: int | None = setting(None, was=0, gt=0)  # token rows per chunk; null: the kernel's default
     ablation: Literal["pixelate", "blur", "noise", "patch_mask"] = "pixelate"
-    pixelate_factor: float = 0.1
-    blur_radius: float = 4.0
-    noise_std: float = 64.0  # in 0..255 pixel units
-    patch_size: int = 16
-    patch_fraction: float = 0.5
+    pixelate_factor: float = setting(0.1, gt=0, le=1)
+    blur_radius: float = setting(4.0, ge=0)
+    noise_std: float = setting(64.0, ge=0)  # in 0..255 pixel units
+    patch_size: int = setting(16, gt=0)
+    patch_fraction: float = setting(0.5, gt=0, le=1)
 
 
-@dataclass
-class OptimConfig:
-    lr: float = 1e-3
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    weight_decay: float = 0.1
-    eps: float = 1e-8
-    warmup_ratio: float = 0.05
-    min_lr_ratio: float = 0.0
-    grad_clip: float = 1.0
+class OptimConfig(Section):
+    lr: float = setting(1e-3, gt=0)
+    betas: list[float] = [0.9, 0.95]
+    weight_decay: float = setting(0.1, ge=0)
+    eps: float = setting(1e-8, gt=0)
+    warmup_ratio: float = setting(0.05, ge=0, le=1)
+    min_lr_ratio: float = setting(0.0, ge=0, le=1)
+    grad_clip: float | None = setting(1.0, was=0, gt=0)  # max global gradient norm; null: no clipping
+
+    @field_validator("betas")
+    @classmethod
+    def _two_betas(cls, betas: list[float]) -> list[float]:
+        if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+            raise ConfigError(f"must be two numbers in [0, 1), got {betas!r}")
+        return betas
 
 
-@dataclass
-class TrainConfig:
-    name: str = "tiny"
-    run_dir: str = ""  # "" = runs/<name>
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9._-]+")
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+class TrainConfig(Section):
+    name: str = setting("tiny", safe=True)
+    run_dir: str | None = setting(None, safe=True, was="", min_length=1)  # null: runs/<name>
     seed: int = 0
-    device: str = "auto"  # auto: cuda when available, else cpu
+    device: str = setting("auto", safe=True)  # auto: cuda when available, else cpu
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on cuda, fp32 on cpu
-    prompts_per_step: int = 4
-    # Prompts per micro-batch (whole sibling groups); 0 = the whole optimizer step at once.
-    micro_batch_prompts: int = 0
+    prompts_per_step: int = setting(4, gt=0)
+    # Prompts per micro-batch (whole sibling groups); null: the whole optimizer step at once.
+    micro_batch_prompts: int | None = setting(None, was=0, gt=0)
     # Single process: fill micro-batches with sibling groups of similar response length (less
     # padding in teacher scoring and the student's passes; the step's gradient is unchanged).
     length_buckets: bool = True
-    max_steps: int = 0  # 0 = epochs * (train records // prompts_per_step)
-    epochs: float = 1.0
+    # Optimizer steps of the run (the schedule's length); null: epochs * (train records // prompts_per_step).
+    max_steps: int | None = setting(None, safe=True, was=0, gt=0)
+    epochs: float | None = setting(1.0, safe=True, was=0, gt=0)  # read when max_steps is null
     # End this run after this many steps (checkpoint saved) without changing the schedule,
-    # e.g. to fit a job's time limit; 0 = run to max_steps.
-    stop_after: int = 0
-    checkpoint_every: int = 0  # 0 = only at the end
-    # Newest checkpoints kept (the best one, see eval, is kept as well); -1 = keep every checkpoint.
-    keep_checkpoints: int = 2
-    max_bad_steps: int = 3  # consecutive non-finite steps before aborting
+    # e.g. to fit a job's time limit; null: run to max_steps.
+    stop_after: int | None = setting(None, safe=True, was=0, gt=0)
+    checkpoint_every: int | None = setting(None, safe=True, was=0, gt=0)  # null: only at the end
+    # Newest checkpoints kept (the best one, see eval, is kept as well); null: keep every checkpoint.
+    keep_checkpoints: int | None = setting(2, safe=True, was=-1, gt=0)
+    max_bad_steps: int = setting(3, safe=True, gt=0)  # consecutive non-finite steps before aborting
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, name: str) -> str:
+        if not _PLAIN_NAME.fullmatch(name) or set(name) == {"."}:
+            raise ConfigError(f"must be a plain folder name (letters, digits, '.', '_', '-'), got {name!r}; "
+                              "set train.run_dir to write elsewhere")
+        return name
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, device: str) -> str:
+        if not _DEVICE.fullmatch(device):
+            raise ConfigError(f"must be auto, cpu or cuda[:N], got {device!r}")
+        return device
 
 
-@dataclass
-class SubsetConfig:
+class SubsetConfig(Section):
     # Validate on `count` questions of data.val drawn without replacement with random.Random(seed)
-    # (kept in file order); 0 = every question.
-    count: int = 0
+    # (kept in file order); null: every question.
+    count: int | None = setting(None, was=0, gt=0)
     seed: int = 42
 
 
-@dataclass
-class EvalConfig:
-    every: int = 0  # 0 = only at the end (when data.val is set)
-    samples: int = 2
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 16
-    max_questions: int = 0  # 0 = all
-    batch_prompts: int = 8
-    subset: SubsetConfig = field(default_factory=SubsetConfig)
+class EvalConfig(Section):
+    resume_safe: ClassVar[bool] = True
+    every: int | None = setting(None, was=0, gt=0)  # null: only at the end (when data.val is set)
+    samples: int = setting(2, gt=0)
+    temperature: float = setting(1.0, gt=0)
+    top_p: float = setting(1.0, gt=0, le=1)
+    max_new_tokens: int = setting(16, gt=0)
+    max_questions: int | None = setting(None, was=0, gt=0)  # the first N of the subset; null: all
+    batch_prompts: int = setting(8, gt=0)
+    subset: SubsetConfig = setting(SubsetConfig)
     # first_boxed_mathruler: the first \boxed{} or answer marker, mathruler's grade_answer (the
     # method authors' rule); math_verify: math-verify on the whole response (vaopd.grading).
     grader: Literal["first_boxed_mathruler", "math_verify"] = "math_verify"
 
 
-@dataclass
-class LogConfig:
+class LogConfig(Section):
+    resume_safe: ClassVar[bool] = True
     progress: bool = True
     tensorboard: bool = False
-    wandb_project: str = ""
+    wandb_project: str | None = setting(None, was="", min_length=1)  # null: no W&B
     # Warn loudly when every token's VA of a step is below this (the teacher may not see images).
-    va_warn_threshold: float = 1e-4
+    va_warn_threshold: float = setting(1e-4, ge=0)
     # Every N steps (and at the first), per-token data of the step's first `rollouts_per_log`
-    # rollouts go to <run_dir>/rollouts.jsonl for `python -m vaopd.inspect`; 0 = off.
+    # rollouts go to <run_dir>/rollouts.jsonl for `python -m vaopd.inspect`; null: off.
     # Single-process runs only (not under torchrun).
-    rollouts_every: int = 0
-    rollouts_per_log: int = 4
+    rollouts_every: int | None = setting(None, was=0, gt=0)
+    rollouts_per_log: int = setting(4, gt=0)
 
 
-@dataclass
-class DistributedConfig:
+class DistributedConfig(Section):
     # Read only under torchrun (RANK and WORLD_SIZE set); a plain process ignores this section.
+    resume_safe: ClassVar[bool] = True
     # The student is always sharded with FSDP2. The frozen teacher is either a full copy on every
     # rank ("replica": no communication, full memory) or sharded like the student ("fsdp").
     teacher: Literal["replica", "fsdp"] = "replica"
     # Bound on every collective (init_process_group timeout): when a rank dies or hangs, the
     # others fail after this many seconds instead of waiting forever.
-    timeout_s: float = 600.0
+    timeout_s: float = setting(600.0, gt=0)
 
 
-@dataclass
-class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    log: LogConfig = field(default_factory=LogConfig)
-    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+class Config(Section):
+    model: ModelConfig = setting(ModelConfig)
+    data: DataConfig = setting(DataConfig)
+    rollout: RolloutConfig = setting(RolloutConfig)
+    loss: LossConfig = setting(LossConfig)
+    optim: OptimConfig = setting(OptimConfig)
+    train: TrainConfig = setting(TrainConfig)
+    eval: EvalConfig = setting(EvalConfig)
+    log: LogConfig = setting(LogConfig)
+    distributed: DistributedConfig = setting(DistributedConfig)
 
-    def validate(self) -> None:
-        """Value checks beyond types; raises ``ConfigError`` naming the key."""
-        positive = {
-            "rollout.samples_per_prompt": self.rollout.samples_per_prompt,
-            "rollout.temperature": self.rollout.temperature,
-            "rollout.max_new_tokens": self.rollout.max_new_tokens,
-            "loss.weight_temperature": self.loss.weight_temperature,
-            "optim.lr": self.optim.lr,
-            "optim.eps": self.optim.eps,
-            "train.prompts_per_step": self.train.prompts_per_step,
-            "eval.samples": self.eval.samples,
-            "eval.temperature": self.eval.temperature,
-            "eval.max_new_tokens": self.eval.max_new_tokens,
-            "eval.batch_prompts": self.eval.batch_prompts,
-            "data.min_pixels": self.data.min_pixels,
-            "data.max_pixels": self.data.max_pixels,
-            "loss.patch_size": self.loss.patch_size,
-            "model.lora.r": self.model.lora.r,
-            "train.max_bad_steps": self.train.max_bad_steps,
-            "log.rollouts_per_log": self.log.rollouts_per_log,
-            "distributed.timeout_s": self.distributed.timeout_s,
-            "rollout.vllm.kv_cache_gib": self.rollout.vllm.kv_cache_gib,
-        }
-        for key, value in positive.items():
-            if not value > 0:
-                raise ConfigError(f"{key}: must be > 0, got {value!r}")
-        non_negative = {
-            "rollout.batch_prompts": self.rollout.batch_prompts,
-            "rollout.top_k": self.rollout.top_k,
-            "rollout.vllm.max_model_len": self.rollout.vllm.max_model_len,
-            "loss.chunk_size": self.loss.chunk_size,
-            "optim.weight_decay": self.optim.weight_decay,
-            "optim.grad_clip": self.optim.grad_clip,
-            "train.micro_batch_prompts": self.train.micro_batch_prompts,
-            "train.max_steps": self.train.max_steps,
-            "train.epochs": self.train.epochs,
-            "train.stop_after": self.train.stop_after,
-            "train.checkpoint_every": self.train.checkpoint_every,
-            "eval.every": self.eval.every,
-            "eval.max_questions": self.eval.max_questions,
-            "eval.subset.count": self.eval.subset.count,
-            "log.rollouts_every": self.log.rollouts_every,
-            "data.tiny_train_size": self.data.tiny_train_size,
-            "data.tiny_val_size": self.data.tiny_val_size,
-            "loss.blur_radius": self.loss.blur_radius,
-            "loss.noise_std": self.loss.noise_std,
-            "model.lora.dropout": self.model.lora.dropout,
-        }
-        for key, value in non_negative.items():
-            if not value >= 0:
-                raise ConfigError(f"{key}: must be >= 0, got {value!r}")
-        unit = {
-            "rollout.top_p": (self.rollout.top_p, False),
-            "rollout.vllm.gpu_memory_utilization": (self.rollout.vllm.gpu_memory_utilization, False),
-            "eval.top_p": (self.eval.top_p, False),
-            "loss.high_fraction": (self.loss.high_fraction, False),
-            "loss.pixelate_factor": (self.loss.pixelate_factor, False),
-            "loss.patch_fraction": (self.loss.patch_fraction, False),
-            "loss.high_weight": (self.loss.high_weight, True),
-            "optim.warmup_ratio": (self.optim.warmup_ratio, True),
-            "optim.min_lr_ratio": (self.optim.min_lr_ratio, True),
-        }
-        for key, (value, closed) in unit.items():
-            if not ((0 <= value <= 1) if closed else (0 < value <= 1)):
-                raise ConfigError(f"{key}: must be in {'[0, 1]' if closed else '(0, 1]'}, got {value!r}")
-        if len(self.optim.betas) != 2 or not all(0 <= b < 1 for b in self.optim.betas):
-            raise ConfigError(f"optim.betas: must be two numbers in [0, 1), got {self.optim.betas!r}")
-        if self.train.keep_checkpoints != -1 and self.train.keep_checkpoints < 1:
-            raise ConfigError(f"train.keep_checkpoints: must be >= 1, or -1 to keep all, got {self.train.keep_checkpoints!r}")
+    @model_validator(mode="after")
+    def _across_fields(self) -> Config:
+        """Checks that involve several fields (or the file system); messages name the keys."""
+        t = self.train
         if self.data.min_pixels > self.data.max_pixels:
             raise ConfigError(f"data.min_pixels: {self.data.min_pixels} exceeds data.max_pixels {self.data.max_pixels}")
-        mb = self.train.micro_batch_prompts
-        if mb and self.train.prompts_per_step % mb:
-            raise ConfigError(
-                f"train.micro_batch_prompts: {mb} must divide train.prompts_per_step {self.train.prompts_per_step} "
-                "(micro-batches hold whole sibling groups)"
-            )
-        if not self.train.max_steps and not self.train.epochs:
-            raise ConfigError("train.max_steps: set train.max_steps or train.epochs (both are 0)")
-        if not self.data.train:
-            raise ConfigError("data.train: a data file or 'tiny' is required")
-        if not self.data.question_key or not self.data.answer_key or not self.data.image_key:
-            raise ConfigError("data.question_key: question_key, answer_key and image_key must be non-empty")
-        if not _PLAIN_NAME.fullmatch(self.train.name) or set(self.train.name) == {"."}:
-            raise ConfigError(f"train.name: must be a plain folder name (letters, digits, '.', '_', '-'), got "
-                              f"{self.train.name!r}; set train.run_dir to write elsewhere")
-        if self.train.device not in ("auto", "cpu") and not self.train.device.startswith("cuda"):
-            raise ConfigError(f"train.device: must be auto, cpu or cuda[:N], got {self.train.device!r}")
+        if t.micro_batch_prompts is not None and t.prompts_per_step % t.micro_batch_prompts:
+            raise ConfigError(f"train.micro_batch_prompts: {t.micro_batch_prompts} must divide train.prompts_per_step "
+                              f"{t.prompts_per_step} (micro-batches hold whole sibling groups)")
+        if t.max_steps is None and t.epochs is None:
+            raise ConfigError("train.max_steps: set train.max_steps or train.epochs (both are null)")
         if self.rollout.engine == "vllm" and self.model.lora.enabled:
             raise ConfigError("rollout.engine: vllm does not sample from a LoRA student (its adapter weights are not "
                               "merged into the engine); use rollout.engine: hf with model.lora.enabled")
-        if self.rollout.vllm.sleep_mode and self.train.device == "cpu":
+        if self.rollout.vllm.sleep_mode and t.device == "cpu":
             raise ConfigError("rollout.vllm.sleep_mode: vLLM's sleep mode needs a CUDA GPU; set it to false on a CPU")
+        key, run_dir = ("train.run_dir", Path(t.run_dir)) if t.run_dir else ("train.name", Path("runs") / t.name)
+        blocking = next((p for p in (run_dir, *run_dir.parents) if p.exists() and not p.is_dir()), None)
+        if blocking is not None:
+            raise ConfigError(f"{key}: the run folder {run_dir} cannot be created: {blocking} is a file; "
+                              "name another folder (train.run_dir or train.name)")
+        return self
 
 
-def _check_type(key: str, value: Any, tp: Any) -> Any:
-    """Return ``value`` coerced to annotation ``tp`` (int -> float only) or raise ``ConfigError``."""
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        choices = typing.get_args(tp)
-        if value not in choices:
-            raise ConfigError(f"{key}: must be one of {list(choices)}, got {value!r}")
-        return value
-    if origin is list:
-        (item,) = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: must be a list, got {value!r}")
-        return [_check_type(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: must be true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: must be an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: must be a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: must be a string, got {value!r}")
-        return value
-    raise TypeError(f"unsupported config annotation {tp!r} for {key}")
-
-
-def _merge(obj: Any, updates: dict, prefix: str = "") -> None:
-    """Apply a nested dict of updates onto a dataclass instance in place, checking keys and types."""
-    if not isinstance(updates, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: must be a mapping, got {updates!r}")
-    hints = typing.get_type_hints(type(obj))
-    names = {f.name for f in dataclasses.fields(obj)}
-    for name, value in updates.items():
-        key = f"{prefix}{name}"
-        if name not in names:
-            raise ConfigError(f"{key}: unknown config key (valid keys here: {', '.join(sorted(names))})")
-        current = getattr(obj, name)
-        if dataclasses.is_dataclass(current):
-            _merge(current, value, key + ".")
-        else:
-            setattr(obj, name, _check_type(key, value, hints[name]))
-
-
-_PLAIN_NAME = re.compile(r"[A-Za-z0-9._-]+")
 _EXP_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def _yaml_value(text: str, where: str) -> Any:
+    """Plain YAML only: a tag (``!!python/...``) or a syntax error is a ``ConfigError`` naming ``where``."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        raise ConfigError(f"{where} is not valid YAML{at}: {getattr(e, 'problem', None) or e}") from None
+
+
+def read_config_file(path: str | Path) -> dict:
+    """The mapping in a YAML config file (``--config``, or a run's or checkpoint's ``config.yaml``);
+    a missing, non-UTF-8, malformed or non-mapping file is a ``ConfigError`` naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path}: no such file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+    data = _yaml_value(text, f"config file {path}")
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: must hold a mapping of sections (model:, data:, ...), "
+                          f"got {type(data).__name__}")
+    return data
 
 
 def _parse_override(text: str) -> dict:
@@ -368,7 +344,7 @@ def _parse_override(text: str) -> dict:
     key = key.strip()
     if not key:
         raise ConfigError(f"{text}: an override needs a key before '='")
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    value = _yaml_value(raw, f"{key}: the value {raw!r}") if raw.strip() else ""
     # YAML 1.1 reads 1e-5 (no dot) as a string; that is how users type learning rates.
     if isinstance(value, str) and _EXP_FLOAT.fullmatch(value.strip()):
         value = float(value)
@@ -381,37 +357,111 @@ def _parse_override(text: str) -> dict:
     return nested
 
 
+def _merge(base: dict, updates: dict) -> dict:
+    """``updates`` laid over ``base`` key by key (nested mappings merge; anything else replaces)."""
+    out = dict(base)
+    for k, v in updates.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _section_at(loc: tuple) -> type[BaseModel] | None:
+    """The section class that holds the field at ``loc`` (a pydantic error location)."""
+    section: type[BaseModel] = Config
+    for name in loc[:-1]:
+        info = section.model_fields.get(name) if isinstance(name, str) else None
+        if info is None or not (isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel)):
+            return None
+        section = info.annotation
+    return section
+
+
+def _bounds(section: type[BaseModel] | None, name: Any) -> str | None:
+    """``"> 0"``, ``"in (0, 1]"``, ... from the field's bounds, or None when it has none."""
+    info = section.model_fields.get(name) if section is not None and isinstance(name, str) else None
+    if info is None:
+        return None
+    b = {k: getattr(m, k) for m in info.metadata for k in ("gt", "ge", "lt", "le") if hasattr(m, k)}
+    low = ("(", b["gt"]) if "gt" in b else ("[", b["ge"]) if "ge" in b else None
+    high = (")", b["lt"]) if "lt" in b else ("]", b["le"]) if "le" in b else None
+    if low and high:
+        return f"in {low[0]}{low[1]}, {high[1]}{high[0]}"
+    if low:
+        return f"{'>' if low[0] == '(' else '>='} {low[1]}"
+    if high:
+        return f"{'<' if high[0] == ')' else '<='} {high[1]}"
+    return None
+
+
+_PLAIN_MESSAGES = {
+    "finite_number": "must be a finite number", "int_type": "must be an integer", "int_from_float": "must be an integer",
+    "float_type": "must be a number", "bool_type": "must be true or false", "string_type": "must be a string",
+    "list_type": "must be a list", "model_type": "must be a mapping",
+}
+
+
+def _message(err: dict) -> str:
+    """One line for one pydantic error: the dotted key, what is wrong, the value given."""
+    loc = err["loc"]
+    key = ".".join(str(p) if isinstance(p, str) else f"[{p}]" for p in loc).replace(".[", "[")
+    kind, got = err["type"], err.get("input")
+    section = _section_at(loc)
+    if kind == "value_error" and isinstance(err["ctx"].get("error"), ConfigError):
+        text = str(err["ctx"]["error"])
+        return f"{key}: {text}" if key else text
+    if kind == "extra_forbidden":
+        names = list(section.model_fields) if section is not None else []
+        close = difflib.get_close_matches(str(loc[-1]), names, n=1)
+        hint = f"did you mean {'.'.join([*map(str, loc[:-1]), close[0]])}? " if close else ""
+        return f"{key}: unknown config key ({hint}valid keys here: {', '.join(sorted(names))})"
+    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        what = f"must be {_bounds(section, loc[-1]) or err['msg']}"
+        if "was" in _extra(section, loc[-1]):
+            what += " (or null: not set)"
+    elif kind == "literal_error":
+        what = f"must be one of {list(typing.get_args(section.model_fields[loc[-1]].annotation))}"
+    elif kind in _PLAIN_MESSAGES:
+        what = _PLAIN_MESSAGES[kind]
+    elif kind == "string_too_short":
+        what = "must not be empty" + (" (null: not set)" if "was" in _extra(section, loc[-1]) else "")
+    elif kind == "too_short":
+        what = f"must have at least {err['ctx']['min_length']} item(s)"
+    else:
+        what = err["msg"][0].lower() + err["msg"][1:]
+    return f"{key or 'config'}: {what}, got {got!r}"
+
+
+def _validate(data: dict) -> Config:
+    """A ``Config`` from a nested mapping (missing keys keep their defaults); raises ``ConfigError``
+    with one line per problem, the first starting with its dotted key."""
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError("\n".join(_message(err) for err in e.errors(include_url=False))) from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Defaults, then the YAML file at ``path``, then ``overrides`` ("a.b=value"); validated."""
-    cfg = Config()
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"--config: no such file {path}")
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            where = getattr(e, "problem_mark", None)
-            at = f" (line {where.line + 1}, column {where.column + 1})" if where is not None else ""
-            raise ConfigError(f"--config: {path} is not valid YAML{at}: {getattr(e, 'problem', None) or e}") from None
-        _merge(cfg, data)
+    data = read_config_file(path) if path is not None else {}
     for text in overrides:
-        _merge(cfg, _parse_override(text))
-    cfg.validate()
-    return cfg
+        data = _merge(data, _parse_override(text))
+    return _validate(data)
 
 
-# Keys that --resume may change: how the run logs, validates and checkpoints, how long it runs, and
-# where (device, number of ranks, the rollout engine and its memory settings). Any other difference
-# from the checkpoint's config changes the optimisation being continued and is refused. An entry
-# ending in "." covers a whole section.
-RESUME_SAFE = (
-    "log.", "eval.", "distributed.", "data.val", "data.tiny_val_size",
-    "train.name", "train.run_dir", "train.device", "train.max_steps", "train.epochs", "train.stop_after",
-    "train.checkpoint_every", "train.keep_checkpoints", "train.max_bad_steps",
-    "model.attn_implementation", "model.gradient_checkpointing",
-    "rollout.engine", "rollout.vllm.",
-)
+def _fields(section: type[BaseModel], prefix: str = "", safe: bool = False) -> dict[str, tuple[bool, Any]]:
+    """Every leaf field below ``section``: dotted key -> (resume-safe, its old "not set" value)."""
+    out = {}
+    for name, info in section.model_fields.items():
+        extra = info.json_schema_extra or {}
+        field_safe = safe or section.resume_safe or extra.get("resume_safe", False)
+        if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel):
+            out.update(_fields(info.annotation, f"{prefix}{name}.", field_safe))
+        else:
+            out[f"{prefix}{name}"] = (field_safe, extra.get("was", _UNSET))
+    return out
+
+
+_FIELDS = _fields(Config)
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -426,25 +476,32 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 def resume_changes(saved: dict, cfg: Config) -> tuple[list[str], list[str]]:
     """Differences between a checkpoint's saved config (a dict read from its ``config.yaml``) and
-    ``cfg``, as ``"key: old -> new"`` lines: (refused, allowed), see ``RESUME_SAFE``.
+    ``cfg``, as ``"key: old -> new"`` lines: (refused, allowed); a field's ``safe`` flag decides.
 
-    A key the saved config lacks (added to vaopd since) counts only when ``cfg`` moves it off its default.
+    A saved value in an older "not set" spelling (``chunk_size: 0``) equals ``None``. A key the
+    saved config lacks (added to vaopd since) counts only when ``cfg`` moves it off its default.
     """
-    old, new, default = _flatten(saved), _flatten(to_dict(cfg)), _flatten(to_dict(Config()))
+    new, default = _flatten(to_dict(cfg)), _flatten(to_dict(Config.model_construct()))
+    old = {}
+    for key, value in _flatten(saved).items():
+        old[key] = None if _is_old_unset(value, _FIELDS.get(key, (False, _UNSET))[1]) else value
     refused, allowed = [], []
     for key in sorted(old.keys() | new.keys()):
         if key not in old and new.get(key) == default.get(key):
             continue
         if old.get(key, "(absent)") == new.get(key, "(absent)"):
             continue
-        line = f"{key}: {old.get(key, '(absent)')!r} -> {new.get(key, '(absent)')!r}"
-        safe = any(key.startswith(s) if s.endswith(".") else key == s for s in RESUME_SAFE)
-        (allowed if safe else refused).append(line)
+        line = f"{key}: {_show(old.get(key, '(absent)'))} -> {_show(new.get(key, '(absent)'))}"
+        (allowed if _FIELDS.get(key, (False,))[0] else refused).append(line)
     return refused, allowed
 
 
+def _show(value: Any) -> str:
+    return "null" if value is None else repr(value)
+
+
 def to_dict(cfg: Config) -> dict:
-    return dataclasses.asdict(cfg)
+    return cfg.model_dump()
 
 
 def to_yaml(cfg: Config) -> str:

@@ -16,10 +16,8 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-import yaml
-
 from vaopd.checkpoint import CheckpointError, step_checkpoints, verify_checkpoint
-from vaopd.config import Config, resume_changes
+from vaopd.config import Config, read_config_file, resume_changes
 from vaopd.metrics import check_jsonl
 
 __all__ = ["RunFolderError", "RUN_FILES", "run_dir_of", "run_files", "check_new_run", "clear_run", "choose_checkpoint",
@@ -131,8 +129,7 @@ def start_run(cfg: Config, *, resume: str | bool | None, overwrite: bool,
             f"--resume {ckpt}: that checkpoint belongs to another run folder, and {run_dir} already holds a run "
             f"({', '.join(run_files(run_dir))}). Continue it in an empty folder (--set train.name=NAME) or resume "
             f"from one of {run_dir / 'checkpoints'}.")
-    saved = yaml.safe_load((ckpt / "config.yaml").read_text(encoding="utf-8"))
-    refused, allowed = resume_changes(saved if isinstance(saved, dict) else {}, cfg)
+    refused, allowed = resume_changes(read_config_file(ckpt / "config.yaml"), cfg)
     if refused:
         raise RunFolderError(
             f"--resume: {ckpt} was trained with other settings, and these change the optimisation it continues:\n  "

@@ -270,7 +270,7 @@ def train_step(cfg: Config, s: Setup, optimizer, scheduler, step: int, timer: Ti
         log_rollouts(cfg, s, step, records, prompts, tokens, mask)
     with timer("optimizer"):
         params = [p for p in s.student.parameters() if p.requires_grad]
-        clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
+        clip = cfg.optim.grad_clip or math.inf
         if par is None:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
         else:

@@ -9,10 +9,11 @@ __all__ = ["HFGenerate"]
 
 
 class HFGenerate:
-    """``RolloutBackend`` on ``model.generate``: sampling with temperature, top-p and top-k (0 = off), KV cache."""
+    """``RolloutBackend`` on ``model.generate``: sampling with temperature, top-p and top-k (None = off), KV cache."""
 
     def __init__(self, model, *, eos_ids: list[int], pad_id: int, banned_ids: list[int],
-                 temperature: float, top_p: float, max_new_tokens: int, batch_prompts: int = 0, top_k: int = 0):
+                 temperature: float, top_p: float, max_new_tokens: int, batch_prompts: int | None = None,
+                 top_k: int | None = None):
         self.model, self.eos_ids, self.pad_id, self.banned_ids = model, eos_ids, pad_id, banned_ids
         self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
         self.max_new_tokens, self.batch_prompts = max_new_tokens, batch_prompts
@@ -37,7 +38,8 @@ class HFGenerate:
         out = self.model.generate(
             input_ids=batch.input_ids, attention_mask=batch.attention_mask, mm_token_type_ids=batch.mm_token_type_ids,
             pixel_values=batch.pixel_values, image_grid_thw=batch.image_grid_thw,
-            do_sample=True, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+            # top_k 0: no top-k filter, whatever the model's own generation_config sets
+            do_sample=True, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k or 0,
             max_new_tokens=self.max_new_tokens, eos_token_id=self.eos_ids, pad_token_id=self.pad_id,
             suppress_tokens=self.banned_ids or None, use_cache=True,
         )

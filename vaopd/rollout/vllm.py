@@ -74,8 +74,8 @@ class VLLMGenerate:
 
     def __init__(self, model_dir: str | Path, *, device: torch.device, dtype: torch.dtype, eos_ids: list[int],
                  pad_id: int, image_pad_id: int, banned_ids: list[int], lm_head_rows: int, temperature: float,
-                 top_p: float, top_k: int, max_new_tokens: int, gpu_memory_utilization: float, sleep_mode: bool,
-                 kv_cache_gib: float, max_model_len: int, enforce_eager: bool, seed: int, image_size: dict | None = None):
+                 top_p: float, top_k: int | None, max_new_tokens: int, gpu_memory_utilization: float, sleep_mode: bool,
+                 kv_cache_gib: float, max_model_len: int | None, enforce_eager: bool, seed: int, image_size: dict | None = None):
         if sleep_mode and device.type != "cuda":
             raise ValueError("vLLM's sleep mode needs a CUDA device")
         vllm = _import_vllm()
@@ -87,7 +87,7 @@ class VLLMGenerate:
         self.sleep_mode = sleep_mode
         self._asleep = False  # weights and KV cache released (sleep level 2): a load_weights must come first
         options = dict(
-            model=str(model_dir), dtype=dtype, seed=seed, max_model_len=max_model_len or None,
+            model=str(model_dir), dtype=dtype, seed=seed, max_model_len=max_model_len,
             limit_mm_per_prompt={"image": 1}, enable_sleep_mode=sleep_mode,
             # The trainer's image processor bounds over the folder's: the same patch grids.
             mm_processor_kwargs={"size": image_size} if image_size else None,
@@ -142,7 +142,7 @@ class VLLMGenerate:
         requests = [{"prompt_token_ids": p, "multi_modal_data": {"image": image}}
                     for p, image in zip(template, prompts.images)]
         params = [self._vllm.SamplingParams(
-            n=k, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, max_tokens=self.max_new_tokens,
+            n=k, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k or 0, max_tokens=self.max_new_tokens,
             seed=seed, stop_token_ids=self.eos_ids, allowed_token_ids=self.allowed_ids, detokenize=False,
         ) for seed in seeds]
         outputs = self.llm.generate(requests, params, use_tqdm=False)
