@@ -1,0 +1,66 @@
+"""bench/ab_commits.py: each worker times its own commit's loss, and the rounds alternate.
+
+A throwaway clone gets a second commit whose ``va_opd_loss`` sleeps 0.3 s first; timing the clone's
+original commit against it (tiny shape, CPU) must show the sleep on the second commit only.
+"""
+import importlib.util
+import pathlib
+import shutil
+import subprocess
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SLEEP_S = 0.3
+
+
+@pytest.fixture(scope="module")
+def ab():
+    spec = importlib.util.spec_from_file_location("ab_commits", ROOT / "bench" / "ab_commits.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def git(*args, cwd):
+    return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def test_each_commit_is_timed_with_its_own_code(ab, tmp_path):
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("needs git and the repository's history")
+    clone = tmp_path / "repo"
+    git("clone", "--quiet", "--shared", str(ROOT), str(clone), cwd=tmp_path)
+    base = git("rev-parse", "HEAD", cwd=clone)
+    init = clone / "kernels" / "__init__.py"
+    init.write_text(init.read_text() + (
+        "\n\nimport time as _time\n_loss = va_opd_loss\n\n\n"
+        f"def va_opd_loss(*args, **kwargs):\n    _time.sleep({SLEEP_S})\n    return _loss(*args, **kwargs)\n"
+    ))
+    git("commit", "--quiet", "-am", "slow loss", cwd=clone)
+    spec = dict(method="opd", tokens=64, vocab=1031, hidden=[32, 48], dtype="fp32", chunk_size=None, warmup=1)
+
+    times = ab.compare([base, "HEAD"], spec, rounds=3, repo=clone)
+
+    (label_a, fast), (label_b, slow) = times.items()
+    assert label_a == base[:7] and label_b.startswith("HEAD (")
+    assert len(fast) == len(slow) == 3
+    assert min(slow) >= SLEEP_S
+    assert sorted(fast)[1] < SLEEP_S / 2
+    assert "per round: median" in ab.summary(times)
+
+
+def test_rounds_alternate_which_commit_goes_first(ab):
+    calls = []
+
+    class Fake:
+        def __init__(self, label):
+            self.label = label
+
+        def time_once(self):
+            calls.append(self.label)
+            return 1.0
+
+    times = ab.alternate([Fake("A"), Fake("B")], rounds=3)
+    assert calls == ["A", "B", "B", "A", "A", "B"]
+    assert times == {"A": [1.0] * 3, "B": [1.0] * 3}
