@@ -1,13 +1,15 @@
 """Time the fused loss at two git commits, interleaved, to tell a code change from drift.
 
-Each commit's tree is extracted with ``git archive`` into a temporary folder and runs in its own
-worker process (``vaopd`` and ``vaopd.kernels`` imported from that tree, checked at start-up). The
+Each commit's ``vaopd/`` and ``kernels/`` are extracted with ``git archive`` into a temporary
+folder (or given as a folder ``--export`` wrote earlier) and run in their own worker process
+(``vaopd`` and ``vaopd.kernels`` imported from that tree, checked at start-up). The
 workers build the same inputs (seed 0: responses of 256 tokens in sibling groups of 4, every
 token valid, as in ``bench/lossbench.py``), warm up, and then take turns: each round times one
 forward + backward of ``va_opd_loss`` (student gradients, device-synchronised) in each worker,
 alternating which goes first (ABBA), so slow drift of the machine (clocks, temperature, other
 tenants) lands on both. Only the public ``vaopd.kernels.va_opd_loss`` is called, so any two
-commits since the loss got its current signature can be compared.
+commits since the loss got its current signature can be compared. On a CPU each worker uses one
+thread.
 
 Printed: per commit the median, mean, min, max and interquartile range of the rounds; the
 median of the per-round ratios B/A with their 10th-90th percentile range. ``--out FILE`` also
@@ -18,11 +20,12 @@ writes every round's times as JSON.
     python bench/ab_commits.py HEAD~1 HEAD --tokens 64 --vocab 1031 --hidden 32 48 --dtype fp32 --rounds 3
 
 On the GPU machine (no network; issue 17's OPD question, 45.7 ms at ``c4da231`` against
-51.9 ms at ``fc8189d`` on an H200): the device copy of the working tree carries ``.git``, so both
-commits can be extracted there; run from the repository root, after ``source bench/gpu_env.sh``
-(it records the card and sets ``$out``)::
+51.9 ms at ``fc8189d`` on an H200) the copy of the working tree may come without ``.git``: export
+the two trees here (about 0.4 MB each, into ``bench/out``, which git ignores) and carry them::
 
-    timeout -k 5 150 python3 bench/ab_commits.py c4da231 fc8189d --rounds 24 --out "$out/ab_opd.json" 2>&1 | tee "$out/ab_opd.txt"
+    python bench/ab_commits.py c4da231 fc8189d --export bench/out/ab     # here; carry: ["bench/out/ab"]
+    timeout -k 5 150 python3 bench/ab_commits.py bench/out/ab/c4da231 bench/out/ab/fc8189d \
+        --rounds 24 --out "$out/ab_opd.json" 2>&1 | tee "$out/ab_opd.txt"     # there, after bench/gpu_env.sh
 
 At the paper shape each worker holds about 5 GB and a round takes about 0.1 s per commit after a
 few seconds of start-up and Triton compilation.
@@ -76,6 +79,8 @@ def worker(spec: dict, tree: str) -> None:
     if not loaded.is_relative_to(Path(tree).resolve()):
         raise RuntimeError(f"vaopd.kernels came from {loaded}, not from the extracted tree {tree}: another copy shadows it")
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        torch.set_num_threads(1)  # the idle worker's spinning thread pool would slow the timed one
     inputs = make_inputs(spec, device)
     sh, sw = inputs["student_hidden"], inputs["student_weight"]
     kwargs = dict(method=spec["method"], chunk_size=spec["chunk_size"])
@@ -140,10 +145,10 @@ def resolve(repo: Path, commit: str) -> str:
 
 
 def extract(repo: Path, sha: str, dest: Path) -> Path:
-    """The tree of ``sha`` under ``dest``, with ``vaopd.kernels`` importable from it."""
+    """``vaopd/`` and ``kernels/`` of ``sha`` under ``dest``, with ``vaopd.kernels`` importable from it."""
     dest.mkdir(parents=True)
     archive = dest / "tree.tar"
-    subprocess.run(["git", "-C", str(repo), "archive", "--format=tar", "-o", str(archive), sha], check=True)
+    subprocess.run(["git", "-C", str(repo), "archive", "--format=tar", "-o", str(archive), sha, "vaopd", "kernels"], check=True)
     with tarfile.open(archive) as tar:
         tar.extractall(dest, filter="data")
     archive.unlink()
@@ -206,14 +211,27 @@ def summary(times: dict[str, list[float]]) -> str:
     return "\n".join(lines)
 
 
+def is_tree(arg: str) -> bool:
+    """True when ``arg`` names a folder holding ``vaopd/`` and ``kernels/`` (an exported tree)."""
+    return (Path(arg) / "vaopd").is_dir() and (Path(arg) / "kernels").is_dir()
+
+
+def export(commits: list[str], dest: Path, repo: Path = REPO) -> list[Path]:
+    """Each commit's trees under ``dest/<commit as given>``, for a machine without the history."""
+    return [extract(repo, resolve(repo, c), dest / c) for c in commits]
+
+
 def compare(commits: list[str], spec: dict, rounds: int, repo: Path = REPO) -> dict[str, list[float]]:
-    """Times of ``rounds`` alternating calls at each of two commits (keys: their short shas, after
-    the name given when that is not a sha)."""
-    shas = [resolve(repo, c) for c in commits]
+    """Times of ``rounds`` alternating calls at each of two commits or exported trees (keys: a
+    tree's path; a commit's short sha, after the name given when that is not a sha)."""
     with tempfile.TemporaryDirectory(prefix="vaopd-ab-") as tmp:
         workers = []
         try:
-            for i, (name, sha) in enumerate(zip(commits, shas)):
+            for i, name in enumerate(commits):
+                if is_tree(name):
+                    workers.append(Worker(name, Path(name).resolve(), spec))
+                    continue
+                sha = resolve(repo, name)
                 tree = extract(repo, sha, Path(tmp) / f"{i}-{sha[:12]}")
                 workers.append(Worker(sha[:7] if sha.startswith(name) else f"{name} ({sha[:7]})", tree, spec))
             for w in workers:
@@ -229,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
     if argv and argv[0] == "--worker":
         return worker(json.loads(argv[1]), argv[2])
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("commits", nargs=2, help="two commits (any git revision), A then B")
+    p.add_argument("commits", nargs=2, help="two commits (any git revision) or exported trees, A then B")
     p.add_argument("--rounds", type=int, default=20, help="timed calls per commit (default 20)")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls per worker first")
     p.add_argument("--method", choices=["opd", "va_opd"], default="opd")
@@ -240,7 +258,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--chunk-size", type=int, default=None)
     p.add_argument("--repo", type=Path, default=REPO)
     p.add_argument("--out", type=Path, help="also write the spec and every round's times here (JSON)")
+    p.add_argument("--export", type=Path, metavar="DIR", help="only extract the two commits' trees into DIR/<commit>")
     a = p.parse_args(argv)
+    if a.export:
+        for tree in export(a.commits, a.export, a.repo):
+            print(tree)
+        return
     if a.rounds < 1 or a.warmup < 0:
         p.error("--rounds must be at least 1 and --warmup at least 0")
     spec = dict(method=a.method, tokens=a.tokens, vocab=a.vocab, hidden=a.hidden, dtype=a.dtype, chunk_size=a.chunk_size, warmup=a.warmup)
