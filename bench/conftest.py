@@ -29,7 +29,7 @@ GRIDS = {
     "cpu": dict(rounds=3, blocks=[
         dict(tokens=[512, 1024, 2048], vocab=[32000], hidden=[(256, 512)], dtype=["fp32"],
              impls=["vaopd-torch", "vaopd-opd-torch", "reference", "liger", "trl", "floor", "floor-opd"]),
-        dict(tokens=[2048], vocab=[32000], hidden=[(256, 512)], dtype=["fp32"], impls=["vaopd-torch-compiled", "liger-compiled"]),
+        dict(tokens=[512, 2048], vocab=[32000], hidden=[(256, 512)], dtype=["fp32"], impls=["vaopd-torch-compiled", "liger-compiled"]),
     ]),
     # About 2 minutes on an H100/H200 (Liger's torch.compile warm-up included); bench/gpu_check.sh
     # runs it after the correctness check, the tuning sweep and the scale-step benchmark.
