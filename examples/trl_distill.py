@@ -58,6 +58,8 @@ class FusedReverseKLDistillationTrainer(DistillationTrainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        if self.teacher_model is None:
+            raise ValueError("teacher_model is required: the fused loss reads the teacher's hidden states and LM head")
         if self.beta != 1.0:
             raise ValueError(f"DistillationConfig.beta is {self.beta}: the fused loss is the reverse KL, beta=1.0; use trl.DistillationTrainer for other divergences")
         for role, model in (("student", self.model), ("teacher", self.teacher_model)):

@@ -77,3 +77,14 @@ def test_training_matches_trls_trainer(example, tmp_path):
 def test_refuses_a_divergence_it_does_not_compute(example, tmp_path):
     with pytest.raises(ValueError, match="beta"):
         example.build_trainer(example.FusedReverseKLDistillationTrainer, str(tmp_path), max_steps=1, beta=0.5)
+
+
+def test_refuses_a_logit_transform_trl_would_apply(example, tmp_path):
+    tokenizer = example.build_tokenizer()
+    student = example.build_tiny_model("student", tokenizer, 0)
+    student.config.final_logit_softcapping = 30.0  # TRL's kernel soft-caps the logits; the fused loss cannot
+    with pytest.raises(ValueError, match="student's config sets final_logit_softcapping"):
+        example.FusedReverseKLDistillationTrainer(
+            model=student, teacher_model=example.build_tiny_model("teacher", tokenizer, 1),
+            args=example.tiny_config(str(tmp_path), max_steps=1), train_dataset=example.prompts(), processing_class=tokenizer,
+        )
