@@ -4,30 +4,22 @@ A throwaway clone gets a second commit whose ``va_opd_loss`` sleeps 0.3 s first;
 original commit against that commit's exported tree (tiny shape, CPU) must show the sleep on the
 second only.
 """
-import importlib.util
 import pathlib
 import shutil
 import subprocess
 
+import ab_commits as ab  # bench/ is on pytest's pythonpath
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SLEEP_S = 0.3
 
 
-@pytest.fixture(scope="module")
-def ab():
-    spec = importlib.util.spec_from_file_location("ab_commits", ROOT / "bench" / "ab_commits.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def git(*args, cwd):
     return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
 
 
-def test_each_commit_is_timed_with_its_own_code(ab, tmp_path):
+def test_each_commit_is_timed_with_its_own_code(tmp_path):
     if shutil.which("git") is None or not (ROOT / ".git").exists():
         pytest.skip("needs git and the repository's history")
     clone = tmp_path / "repo"
@@ -55,7 +47,7 @@ def test_each_commit_is_timed_with_its_own_code(ab, tmp_path):
     assert "per round: median" in ab.summary(times)
 
 
-def test_rounds_alternate_which_commit_goes_first(ab):
+def test_rounds_alternate_which_commit_goes_first():
     calls = []
 
     class Fake:
