@@ -24,11 +24,12 @@ On the GPU machine (no network; issue 17's OPD question, 45.7 ms at ``c4da231`` 
 the two trees here (about 0.4 MB each, into ``bench/out``, which git ignores) and carry them::
 
     python bench/ab_commits.py c4da231 fc8189d --export bench/out/ab     # here; carry: ["bench/out/ab"]
-    timeout -k 5 150 python3 bench/ab_commits.py bench/out/ab/c4da231 bench/out/ab/fc8189d \
+    timeout -k 5 150 python3 bench/ab_commits.py bench/out/ab/c4da231 bench/out/ab/fc8189d \\
         --rounds 24 --out "$out/ab_opd.json" 2>&1 | tee "$out/ab_opd.txt"     # there, after bench/gpu_env.sh
 
-At the paper shape each worker holds about 5 GB and a round takes about 0.1 s per commit after a
-few seconds of start-up and Triton compilation.
+Not yet run on a GPU. Expected from the H200 figures: each worker holds about 5 GB at the paper
+shape (inputs, the fp32 weight-gradient accumulator, the chunk buffers), a round about 0.1 s, on
+top of the start-up and Triton compilation of both workers.
 
 TRL's row in the loss benchmarks on that machine needs TRL and the packages that
 ``import trl.kernels.chunked_divergence`` pulls in (``trl.trainer.utils`` imports accelerate,
@@ -40,11 +41,11 @@ datasets and pandas), as wheels in ``.whl/`` (``bench/gpu_env.sh`` installs them
         -d .whl trl==1.16.0 accelerate==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 \\
         xxhash==4.1.0 fsspec psutil liger-kernel==0.8.5
 
-These are about 4 MiB. If the machine also lacks pandas (12 MB wheel: add ``pandas==3.1.1
-python-dateutil six tzdata``) and pyarrow (55 MB: ``pyarrow==26.0.1``), both do not fit with the
-rest in one call's 64 MiB of carried files: check first with
-``python3 -c "import pandas, pyarrow"``; without them the ``trl`` rows are skipped, with that
-reason, and the rest of the grid runs.
+These are about 4 MB. The machine may lack pandas (a 12 MB wheel: add ``pandas==3.1.1
+python-dateutil six tzdata``) or pyarrow (55 MB: ``pyarrow==26.0.1``); check first with
+``python3 -c "import pandas, pyarrow"``. Either one fits beside the rest in a call's 64 MiB of
+carried files, both do not. Without them the ``trl`` rows are skipped, with that reason, and the
+rest of the grid runs.
 """
 from __future__ import annotations
 
