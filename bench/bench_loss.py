@@ -1,4 +1,4 @@
-"""Forward+backward of the VA-OPD loss against the reference, Liger-Kernel and the matmul floor."""
+"""Forward+backward of the VA-OPD loss against the reference, Liger-Kernel, TRL and the matmul floor."""
 import functools
 
 import pytest
@@ -25,10 +25,12 @@ def test_loss(benchmark, loss_case, grid):
         pytest.skip("the Triton backend only runs in the interpreter on a CPU: timing it means nothing")
     if impl.startswith("liger"):
         pytest.importorskip("liger_kernel", reason="liger-kernel is not installed (carry its wheel in .whl/)")
+    if impl == "trl":
+        pytest.importorskip("trl.kernels.chunked_divergence", reason="trl or a dependency is not installed (carry the wheels in .whl/)")
     inputs = lossbench.make_inputs(shape, DEVICE)
     run = lossbench.build(impl, inputs, DEVICE)
     products = lossbench.PRODUCTS[impl]
-    record = dict(impl=impl, shape=shape.as_dict(), shape_id=shape.id(), products=list(products), flops=lossbench.product_flops(shape, *products))
+    record = dict(impl=impl, shape=shape.as_dict(), shape_id=shape.id(), products=list(products), floor=lossbench.FLOORS[lossbench.WORK[impl]], flops=lossbench.product_flops(shape, *products))
     try:
         loss = benchmark.pedantic(run, rounds=grid["rounds"], warmup_rounds=0 if benchmark.disabled else 1, iterations=1)
         record["peak_extra"] = None if benchmark.disabled else lossbench.peak_extra_bytes(run, inputs, DEVICE)
@@ -39,8 +41,8 @@ def test_loss(benchmark, loss_case, grid):
         pytest.skip(f"{impl} ran out of GPU memory at {shape.id()}")
     if not benchmark.disabled:
         record["seconds"] = benchmark.stats.stats.median
-    if impl.startswith("vaopd") and DEVICE == "cpu":
+    if (impl.startswith("vaopd") or impl == "trl") and DEVICE == "cpu":
         record["loss"] = loss.item()
         tol = 1e-4 if shape.dtype == "fp32" else 3e-2
-        assert loss.item() == pytest.approx(reference_loss(shape, "opd" if "-opd-" in impl else "va_opd"), rel=tol)
+        assert loss.item() == pytest.approx(reference_loss(shape, lossbench.WORK[impl]), rel=tol)
     RECORDS.append(record)

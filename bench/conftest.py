@@ -20,26 +20,27 @@ from lossbench import RECORDS, Shape
 # A grid is a list of blocks, each the product of its tokens, vocab, hidden sizes, dtypes and
 # implementations, and a number of timed rounds.
 VAOPD = ["vaopd-triton", "vaopd-opd-triton", "floor", "floor-opd"]
+PEERS = ["liger", "trl"]  # reverse KL from hidden states: OPD's work
 GRIDS = {
     "smoke": dict(rounds=1, blocks=[
         dict(tokens=[64], vocab=[1031], hidden=[(32, 48)], dtype=["fp32"],
-             impls=["vaopd-torch", "vaopd-opd-torch", "vaopd-triton", "reference", "liger", "floor", "floor-opd"]),
+             impls=["vaopd-torch", "vaopd-opd-torch", "vaopd-triton", "reference", "liger", "trl", "floor", "floor-opd"]),
     ]),
     "cpu": dict(rounds=3, blocks=[
         dict(tokens=[512, 1024, 2048], vocab=[32000], hidden=[(256, 512)], dtype=["fp32"],
-             impls=["vaopd-torch", "vaopd-opd-torch", "reference", "liger", "floor", "floor-opd"]),
-        dict(tokens=[1024], vocab=[32000], hidden=[(256, 512)], dtype=["fp32"], impls=["vaopd-torch-compiled", "liger-compiled"]),
+             impls=["vaopd-torch", "vaopd-opd-torch", "reference", "liger", "trl", "floor", "floor-opd"]),
+        dict(tokens=[512, 2048], vocab=[32000], hidden=[(256, 512)], dtype=["fp32"], impls=["vaopd-torch-compiled", "liger-compiled"]),
     ]),
     # About 2 minutes on an H100/H200 (Liger's torch.compile warm-up included); bench/gpu_check.sh
     # runs it after the correctness check, the tuning sweep and the scale-step benchmark.
     "gpu": dict(rounds=5, blocks=[
         # The paper's shape over token counts (memory flat in tokens), VA-OPD and OPD with their floors.
-        dict(tokens=[1024, 2048, 4096, 8192, 16384], vocab=[151936], hidden=[(2048, 4096)], dtype=["bf16"], impls=VAOPD + ["liger"]),
+        dict(tokens=[1024, 2048, 4096, 8192, 16384], vocab=[151936], hidden=[(2048, 4096)], dtype=["bf16"], impls=VAOPD + PEERS),
         dict(tokens=[8192], vocab=[151936], hidden=[(2048, 4096)], dtype=["bf16"],
              impls=["liger-compiled", "vaopd-torch", "reference"]),
         # Larger hidden sizes, a smaller vocabulary, and fp32 (no TF32).
-        dict(tokens=[8192], vocab=[151936], hidden=[(4096, 5120)], dtype=["bf16"], impls=VAOPD + ["liger"]),
-        dict(tokens=[8192], vocab=[32000], hidden=[(2048, 4096)], dtype=["bf16"], impls=VAOPD + ["liger"]),
+        dict(tokens=[8192], vocab=[151936], hidden=[(4096, 5120)], dtype=["bf16"], impls=VAOPD + PEERS),
+        dict(tokens=[8192], vocab=[32000], hidden=[(2048, 4096)], dtype=["bf16"], impls=VAOPD + PEERS),
         dict(tokens=[4096], vocab=[151936], hidden=[(2048, 4096)], dtype=["fp32"], impls=["vaopd-triton", "floor"]),
     ]),
 }

@@ -10,12 +10,16 @@ hidden states and LM-head weights (student gradients only), finished with a devi
 - ``reference``: ``va_opd_loss_reference`` (full fp32 logits).
 - ``liger``, ``liger-compiled``: Liger-Kernel's chunked ``LigerFusedLinearJSDLoss`` with
   ``beta=1`` (reverse KL) and no hard loss: one teacher pass, no VA weighting (OPD's work).
+- ``trl``: TRL's ``trl.kernels.chunked_divergence.ChunkedDivergenceFunction`` with ``beta=1``
+  (reverse KL, Triton row kernels on CUDA, torch tiles elsewhere), summed over tokens and divided
+  by their count: OPD's work and OPD's value on these inputs (token mean). It recomputes both
+  models' logits in backward: 4 student and 2 teacher products.
 - ``floor``: the bare bf16/fp32 matrix products VA-OPD must do: student logits, input gradient
   and weight gradient, teacher clean and ablated logits (five products).
 - ``floor-opd``: the same without the ablated view (four products), OPD's and Liger's floor.
 
-``PRODUCTS`` says how many LM-head products each one performs; the report compares each
-implementation with the floor of the same products.
+``PRODUCTS`` says how many LM-head products each one performs (its TFLOP/s); ``WORK`` which loss
+it computes, whose floor the report compares it with (``FLOORS``).
 """
 from __future__ import annotations
 
@@ -71,9 +75,18 @@ PRODUCTS = {
     "reference": (3, 2),
     "liger": (3, 1),
     "liger-compiled": (3, 1),
+    "trl": (4, 2),  # logits of both models again in backward
     "floor": (3, 2),
     "floor-opd": (3, 1),
 }
+
+
+# The loss each implementation computes: VA-OPD (clean and ablated teacher views) or OPD (one view).
+WORK = {
+    **dict.fromkeys(("vaopd-triton", "vaopd-torch", "vaopd-torch-compiled", "reference", "floor"), "va_opd"),
+    **dict.fromkeys(("vaopd-opd-triton", "vaopd-opd-torch", "liger", "liger-compiled", "trl", "floor-opd"), "opd"),
+}
+FLOORS = {"va_opd": "floor", "opd": "floor-opd"}
 
 
 @functools.lru_cache(maxsize=1)
@@ -169,6 +182,22 @@ def build(impl: str, inputs: dict, device: str):
         def run():
             clear()
             loss = module(h, sw, th, inputs["teacher_weight"], labels)
+            loss.backward()
+            _sync(device)
+            return loss
+
+        return run
+
+    if impl == "trl":
+        from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
+
+        h = sh.reshape(-1, sh.shape[-1])
+        th = inputs["teacher_hidden"].reshape(-1, inputs["teacher_hidden"].shape[-1])
+
+        def run():
+            clear()
+            kl, _entropy = ChunkedDivergenceFunction.apply(h, sw, None, th, inputs["teacher_weight"], None, 1.0)
+            loss = kl.sum() / kl.numel()
             loss.backward()
             _sync(device)
             return loss

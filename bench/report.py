@@ -1,7 +1,9 @@
 """Summary of the loss benchmarks: ratios, a markdown table, JSON, and PNG plots.
 
 The ``products`` column is the LM-head products each implementation performs, student + teacher
-(``2 N V D`` FLOPs each): VA-OPD's floor is 3+2, OPD's (and Liger's reverse KL's) 3+1.
+(``2 N V D`` FLOPs each; its TFLOP/s count them): VA-OPD's floor is 3+2, OPD's 3+1 (Liger's
+reverse KL does OPD's 3+1, TRL's 4+2: it recomputes both models' logits in backward). ``x floor``
+compares each implementation with the floor of the loss it computes, whatever products it does.
 
 ``python bench/report.py RESULTS.json [OUT_DIR]`` re-renders the table and plots from a saved run
 (the GPU machine may lack matplotlib: plot its JSON here).
@@ -17,8 +19,9 @@ COLUMNS = ("impl", "shape", "products", "ms", "x floor", "x liger", "TFLOP/s", "
 
 
 def add_ratios(records: list[dict]) -> list[dict]:
-    """Ratio of each timing to the floor of the same LM-head products (``floor``: 5, VA-OPD's;
-    ``floor-opd``: 4, OPD's and Liger's) and to Liger (compiled when measured) at the same shape."""
+    """Ratio of each timing to the floor of the loss it computes (its record's ``floor``: ``floor``,
+    VA-OPD's 5 products, or ``floor-opd``, OPD's 4) and to Liger (compiled when measured) at the
+    same shape. Records saved without a ``floor`` are compared with the floor of equal products."""
     by_shape = defaultdict(dict)
     floors = defaultdict(dict)
     for r in records:
@@ -30,7 +33,7 @@ def add_ratios(records: list[dict]) -> list[dict]:
         times = by_shape[r["shape_id"]]
         liger = times.get("liger-compiled") or times.get("liger")
         s = r.get("seconds")
-        floor = floors[r["shape_id"]].get(tuple(r.get("products", ())))
+        floor = times.get(r["floor"]) if "floor" in r else floors[r["shape_id"]].get(tuple(r.get("products", ())))
         r["x_floor"] = s / floor if s and floor else None
         r["x_liger"] = s / liger if s and liger else None
         r["tflops"] = r["flops"] / s / 1e12 if s else None
