@@ -19,6 +19,7 @@ import os
 import signal
 import sys
 import traceback
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,7 +40,7 @@ from vaopd.metrics import JsonlError, MetricsLogger, truncate_jsonl
 from vaopd.models import VocabularyError, resolve_device
 from vaopd.optim import build_optimizer, total_steps
 from vaopd.plan import build_plan
-from vaopd.runs import RunFolderError, clear_run, run_dir_of, start_run
+from vaopd.runs import RunFolderError, clear_run, lock_run_folder, run_dir_of, start_run
 from vaopd.selection import BEST_FILE, is_better, read_best, write_best
 from vaopd.step import train_step
 
@@ -66,16 +67,19 @@ class TrainResult:
 _REFUSALS = (RunFolderError, CheckpointError, ConfigError, JsonlError)
 
 
-def _start_on_main(env, say, cfg: Config, resume, overwrite: bool) -> tuple[Path | None, list[Path]]:
-    """``vaopd.runs.start_run`` decided by rank 0 alone and told to every rank (a slower rank must
-    not see rank 0's first writes as an existing run); a refusal is raised on every rank."""
+def _start_on_main(env, say, cfg: Config, resume, overwrite: bool, held: ExitStack) -> tuple[Path | None, list[Path]]:
+    """``vaopd.runs.start_run`` decided by rank 0 alone, holding the run folder's lock (until
+    ``held`` closes), and told to every rank (a slower rank must not see rank 0's first writes as
+    an existing run); a refusal is raised on every rank."""
     if env is None:
+        held.enter_context(lock_run_folder(run_dir_of(cfg)))
         return start_run(cfg, resume=resume, overwrite=overwrite, warn=say)
     import torch.distributed as dist
 
     answer = [None]
     if env.is_main:
         try:
+            held.enter_context(lock_run_folder(run_dir_of(cfg)))
             ckpt, damaged = start_run(cfg, resume=resume, overwrite=overwrite, warn=say)
             answer[0] = ("ok", (str(ckpt) if ckpt else None, [str(p) for p in damaged]))
         except _REFUSALS as e:
@@ -97,6 +101,11 @@ def train(cfg: Config, *, resume: str | bool | None = None, overwrite: bool = Fa
     rank samples and scores its share of the step, checkpoints are sharded (DCP), and only rank 0
     writes metrics, the run dir's files and the progress bar.
     """
+    with ExitStack() as held:  # the run folder's lock (vaopd.runs.lock_run_folder), for the whole run
+        return _train(cfg, resume, overwrite, handle_signals, held)
+
+
+def _train(cfg: Config, resume: str | bool | None, overwrite: bool, handle_signals: bool, held: ExitStack) -> TrainResult:
     env = init_distributed(cfg.train.device, cfg.distributed.timeout_s) if launched_by_torchrun() else None
     device = env.device if env else resolve_device(cfg)
     main_rank = env is None or env.is_main
@@ -104,7 +113,7 @@ def train(cfg: Config, *, resume: str | bool | None = None, overwrite: bool = Fa
     if env and cfg.log.rollouts_every:
         say("log.rollouts_every: rollouts.jsonl is written by single-process runs only; not under torchrun")
     run_dir = run_dir_of(cfg)
-    ckpt, damaged = _start_on_main(env, say, cfg, resume, overwrite)
+    ckpt, damaged = _start_on_main(env, say, cfg, resume, overwrite, held)
     sharded_ckpt = ckpt is not None and is_sharded_checkpoint(ckpt)
     torch.manual_seed(cfg.train.seed)
     s = build_setup(cfg, device, student_source=str(ckpt / "model") if ckpt and not sharded_ckpt else None)

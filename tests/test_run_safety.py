@@ -1,0 +1,127 @@
+"""Run safety: one process per run folder (two runs or two resumes started at the same instant:
+exactly one proceeds, the other changes nothing), and the lock's own life cycle."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from tests.test_runs import TINY, folder_hash
+from vaopd.runs import LOCK_FILE, RunFolderError, lock_run_folder
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Each process imports everything first, then waits until every other one is ready too, so the
+# runs start within milliseconds of each other.
+_RACER = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from vaopd.train import main
+    barrier, me, n = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+    (barrier / me).touch()
+    while len(list(barrier.iterdir())) < n:
+        time.sleep(0.001)
+    sys.exit(main(sys.argv[4:]))
+""")
+
+
+def race(tmp_path, runs: list[list[str]]) -> list[subprocess.CompletedProcess]:
+    """Start one ``python -m vaopd.train`` per argument list, released together; their results."""
+    barrier = tmp_path / f"barrier{len(list(tmp_path.glob('barrier*')))}"
+    barrier.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    procs = [subprocess.Popen([sys.executable, "-c", _RACER, str(barrier), str(i), str(len(runs)), *args], cwd=tmp_path,
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i, args in enumerate(runs)]
+    return [subprocess.CompletedProcess(p.args, p.wait(timeout=600), *p.communicate()) for p in procs]
+
+
+def sets(*overrides: str) -> list[str]:
+    return [a for o in overrides for a in ("--set", o)]
+
+
+def weights_and_metrics(run: Path) -> tuple[dict, list[dict]]:
+    """The checkpoints' files (SHA-256; not the config and manifest, which name the folder) and the
+    metrics lines without the timing fields."""
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    timing = ("tokens_per_s", "time")
+    files = {k: v for k, v in folder_hash(run / "checkpoints").items() if Path(k).name not in ("config.yaml", "manifest.json")}
+    return files, [{k: v for k, v in r.items() if not any(t in k for t in timing)}
+                                              for r in lines]
+
+
+def test_two_runs_started_together_into_one_folder_one_proceeds_the_other_changes_nothing(tmp_path):
+    run = tmp_path / "race"
+    common = [*TINY, "train.max_steps=4", "train.checkpoint_every=2", "train.keep_checkpoints=5", f"train.run_dir={run}"]
+    seeds = ["train.seed=1", "train.seed=2"]
+    results = race(tmp_path, [sets(*common, seed) for seed in seeds])
+    assert sorted(r.returncode for r in results) == [0, 2], [r.stderr[-2000:] for r in results]
+    winner = next(i for i, r in enumerate(results) if r.returncode == 0)
+    loser = results[1 - winner]
+    assert f"error: {run} is in use by another run (pid " in loser.stderr
+    assert loser.stderr.strip().count("\n") == 0  # one line, no traceback
+    assert "done: step 4" in results[winner].stdout
+    assert f"seed: {winner + 1}" in (run / "config.yaml").read_text()
+    assert not (run / LOCK_FILE).exists()
+    # The folder is exactly what the winner alone writes: the same run again, in a folder of its own.
+    alone = tmp_path / "alone"
+    solo = race(tmp_path, [sets(*common, seeds[winner], f"train.run_dir={alone}")])[0]
+    assert solo.returncode == 0, solo.stderr[-2000:]
+    assert weights_and_metrics(run) == weights_and_metrics(alone)
+    assert sorted(p.name for p in run.iterdir()) == sorted(p.name for p in alone.iterdir())
+
+
+def test_two_resumes_started_together_write_each_step_once(tmp_path):
+    run = tmp_path / "race"
+    common = [*TINY, "train.checkpoint_every=2", "train.keep_checkpoints=5", f"train.run_dir={run}"]
+    first = race(tmp_path, [sets(*common, "train.max_steps=2")])[0]
+    assert first.returncode == 0, first.stderr[-2000:]
+    results = race(tmp_path, [["--resume", *sets(*common, "train.max_steps=4")]] * 2)
+    assert sorted(r.returncode for r in results) == [0, 2], [r.stderr[-2000:] for r in results]
+    loser = next(r for r in results if r.returncode == 2)
+    assert f"error: {run} is in use by another run (pid " in loser.stderr
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000002", "step_00000004"]
+
+
+def test_the_lock_refuses_a_second_holder_names_it_and_leaves_no_trace(tmp_path):
+    run = tmp_path / "new" / "run"
+    with lock_run_folder(run):
+        assert (run / LOCK_FILE).read_text() == f"{os.getpid()}\n"
+        before = folder_hash(tmp_path)
+        with pytest.raises(RunFolderError, match=rf"{run} is in use by another run \(pid {os.getpid()}\)"):
+            with lock_run_folder(run):
+                pass
+        assert folder_hash(tmp_path) == before
+    assert not (tmp_path / "new").exists()  # created for the lock, empty again: removed
+    with lock_run_folder(run):
+        (run / "metrics.jsonl").write_text("")
+    assert sorted(p.name for p in run.iterdir()) == ["metrics.jsonl"]  # a folder the run wrote into stays
+
+
+def test_a_dead_holder_never_blocks(tmp_path):
+    run = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import os, sys
+        from vaopd.runs import lock_run_folder
+        lock = lock_run_folder({str(run)!r})
+        lock.__enter__()
+        print("held", flush=True)
+        os._exit(9)  # dies holding it, its lock file left behind
+    """)], env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "held\n"
+    assert holder.wait(timeout=60) == 9 and (run / LOCK_FILE).exists()
+    with lock_run_folder(run):
+        assert (run / LOCK_FILE).read_text() == f"{os.getpid()}\n"
+
+
+def test_a_run_folder_that_is_a_file_is_refused(tmp_path):
+    path = tmp_path / "file"
+    path.write_text("x")
+    with pytest.raises(RunFolderError, match="the run folder is a file"):
+        with lock_run_folder(path):
+            pass
+    assert path.read_text() == "x"
