@@ -1,5 +1,7 @@
 """Run safety: one process per run folder (two runs or two resumes started at the same instant:
-exactly one proceeds, the other changes nothing), and the lock's own life cycle."""
+exactly one proceeds, the other changes nothing) and the lock's own life cycle; a best.json that is
+corrupt or leads out of its run, and an export --out that is a file or inside a checkpoint, are
+refused; resuming a finished run changes nothing."""
 import json
 import os
 import subprocess
@@ -10,7 +12,11 @@ from pathlib import Path
 import pytest
 
 from tests.test_runs import TINY, folder_hash
+from tests.test_train_best import _forced_accuracies, _validating
+from tests.trainer_utils import tiny_cli
 from vaopd.runs import LOCK_FILE, RunFolderError, lock_run_folder
+from vaopd.selection import BEST_FILE
+from vaopd.train import main, train
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -125,3 +131,93 @@ def test_a_run_folder_that_is_a_file_is_refused(tmp_path):
         with lock_run_folder(path):
             pass
     assert path.read_text() == "x"
+
+
+# ----------------------------------------------------------------------------------------------
+# Records and outputs that point where they must not
+
+
+def validated_run(tmp_path, monkeypatch, *overrides):
+    """A 2-step run that validates at step 2 (forced accuracy 0.5) and checkpoints both steps."""
+    _forced_accuracies(monkeypatch, [0.5] * 4)
+    return train(_validating(tmp_path, "train.max_steps=2", "eval.every=0", "train.checkpoint_every=1",
+                             "train.keep_checkpoints=5", *overrides)).run_dir
+
+
+@pytest.mark.parametrize("content, says", [
+    ('{"step": 2, "val_accuracy": 0.5, "checkpoint": "checkpoints/step_0000', "not a JSON record"),
+    ('[1, 2]', "holds a list, not a record"),
+    ('{"step": "2", "val_accuracy": 0.5, "checkpoint": "checkpoints/step_00000002"}', "'step' is missing or not a int"),
+    ('{"step": 2, "val_accuracy": 0.5, "checkpoint": "../other/checkpoints/step_00000002"}',
+     "'checkpoint' is '../other/checkpoints/step_00000002', not checkpoints/step_00000002 of this run; refusing to follow it"),
+    ('{"step": 1, "val_accuracy": 0.5, "checkpoint": "checkpoints/step_00000002"}', "not checkpoints/step_00000001"),
+])
+def test_a_corrupt_or_escaping_best_json_is_refused_by_export_eval_and_resume(tmp_path, monkeypatch, capsys, content, says):
+    from vaopd.eval import main as eval_main
+    from vaopd.export import main as export_main
+
+    run = validated_run(tmp_path, monkeypatch)
+    (run / BEST_FILE).write_text(content)
+    before = folder_hash(run)
+    capsys.readouterr()
+    assert export_main(["--checkpoint", "best", "--run", str(run), "--out", str(tmp_path / "out")]) == 2
+    assert eval_main(["--checkpoint", "best", "--run", str(run)]) == 2
+    assert main(["--resume", *tiny_cli(tmp_path, "train.max_steps=3", "train.checkpoint_every=1",
+                                       "train.keep_checkpoints=5", "data.val=tiny", "data.tiny_val_size=2",
+                                       "eval.samples=1", "eval.every=0")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 3 and all(line.startswith(f"error: {run / BEST_FILE}: ") and says in line for line in err), err
+    assert folder_hash(run) == before and not (tmp_path / "out").exists()
+
+
+def test_export_out_must_be_a_folder_outside_every_checkpoint(tmp_path, monkeypatch, capsys):
+    from vaopd.export import main as export_main
+
+    run = validated_run(tmp_path, monkeypatch)
+    ckpt = run / "checkpoints" / "step_00000002"
+    (tmp_path / "file").write_text("x")
+    before = folder_hash(run)
+    capsys.readouterr()
+    outside = "export to a folder outside every checkpoint"
+    for out, says in [(tmp_path / "file", "a file, not a folder; name a new or empty folder"),
+                      (ckpt / "exported", f"inside the checkpoint {ckpt}, whose files its manifest.json describes; {outside}"),
+                      (ckpt / "model" / "x", f"inside the checkpoint {ckpt}, whose files its manifest.json describes; {outside}"),
+                      (run / "checkpoints" / "step_00000009", "inside a run's checkpoints folder; export to a folder outside it")]:
+        assert export_main(["--checkpoint", str(ckpt), "--out", str(out)]) == 2
+        assert capsys.readouterr().err == f"error: --out {out}: {says}\n"
+    assert folder_hash(run) == before and (tmp_path / "file").read_text() == "x"
+    exported = tmp_path / "exported"
+    assert export_main(["--checkpoint", str(ckpt), "--out", str(exported)]) == 0
+    # an export folder has a manifest too: nothing is exported into it either
+    assert export_main(["--checkpoint", str(ckpt), "--out", str(exported / "again")]) == 2
+
+
+def test_resuming_a_finished_run_adds_no_line(tmp_path, monkeypatch, capsys):
+    run = validated_run(tmp_path, monkeypatch)
+    lines = (run / "metrics.jsonl").read_text()
+    assert [json.loads(line).get("val_accuracy") for line in lines.splitlines()] == [None, None, 0.5]
+    before = {k: v for k, v in folder_hash(run).items() if k != "config.yaml"}  # a resume writes its own settings
+    for _ in range(2):
+        assert main(["--resume", *tiny_cli(tmp_path, "train.max_steps=2", "train.checkpoint_every=1",
+                                           "train.keep_checkpoints=5", "data.val=tiny", "data.tiny_val_size=2",
+                                           "eval.samples=1", "eval.every=0")]) == 0
+    assert (run / "metrics.jsonl").read_text() == lines
+    assert {k: v for k, v in folder_hash(run).items() if k != "config.yaml"} == before
+
+
+def test_the_last_checkpoint_is_written_after_the_last_validation(tmp_path, monkeypatch):
+    import vaopd.train as train_mod
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    cfg = _validating(tmp_path, "train.max_steps=2", "eval.every=0", "train.checkpoint_every=1", "train.keep_checkpoints=5")
+    monkeypatch.setattr(train_mod, "evaluate", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg)
+    run = cfg.train.run_dir
+    assert sorted(p.name for p in (Path(run) / "checkpoints").iterdir()) == ["step_00000001"]
+    _forced_accuracies(monkeypatch, [0.5])
+    assert train(cfg, resume=True).step == 2
+    assert [json.loads(line).get("val_accuracy") for line in (Path(run) / "metrics.jsonl").read_text().splitlines()] \
+        == [None, None, 0.5]

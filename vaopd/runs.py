@@ -29,6 +29,7 @@ import yaml
 from vaopd.checkpoint import CheckpointError, step_checkpoints, verify_checkpoint
 from vaopd.config import Config, resume_changes
 from vaopd.metrics import check_jsonl
+from vaopd.selection import read_best
 
 __all__ = ["RunFolderError", "RUN_FILES", "LOCK_FILE", "run_dir_of", "lock_run_folder", "run_files", "check_new_run",
            "clear_run", "choose_checkpoint", "start_run"]
@@ -177,7 +178,7 @@ def start_run(cfg: Config, *, resume: str | bool | None, overwrite: bool,
     them aside instead of deleting them).
 
     Writes nothing: a refusal (``RunFolderError``, ``CheckpointError``, ``JsonlError``) leaves the
-    folder as it was.
+    folder as it was. Call it holding the folder's lock (``lock_run_folder``).
     """
     run_dir = run_dir_of(cfg)
     if resume and overwrite:
@@ -202,6 +203,7 @@ def start_run(cfg: Config, *, resume: str | bool | None, overwrite: bool,
             "(--set train.name=NAME, or --overwrite).")
     for log in ("metrics.jsonl", "rollouts.jsonl"):  # a damaged log stops the resume before anything changes
         check_jsonl(run_dir / log)
+    read_best(run_dir)  # and so does a damaged best.json
     if allowed:
         warn("--resume: changed settings (allowed): " + "; ".join(allowed))
     return ckpt, damaged

@@ -234,10 +234,11 @@ def _train(cfg: Config, resume: str | bool | None, overwrite: bool, handle_signa
                             len=f"{record['response_len']:.1f}", tok_s=f"{record['tokens_per_s']:.0f}")
             if val_records is not None and cfg.eval.every and step % cfg.eval.every == 0 and step < steps:
                 validated[step] = validate(cfg, s, val_records, logger, step, result)
-            # No checkpoint right after a skipped step: the last good one must stay the newest.
-            if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and not record["skipped"]:
+            # No checkpoint right after a skipped step: the last good one must stay the newest. The
+            # last step's is saved after its validation: a checkpoint at the last step means validated.
+            if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and not record["skipped"] and step < steps:
                 result.checkpoint = save()
-        if val_records is not None and step == steps and not stopped:
+        if val_records is not None and step == steps and not stopped and step > first_step:
             validated[step] = validate(cfg, s, val_records, logger, step, result)
         if step > first_step:
             result.checkpoint = save()
