@@ -221,3 +221,36 @@ def test_the_last_checkpoint_is_written_after_the_last_validation(tmp_path, monk
     assert train(cfg, resume=True).step == 2
     assert [json.loads(line).get("val_accuracy") for line in (Path(run) / "metrics.jsonl").read_text().splitlines()] \
         == [None, None, 0.5]
+
+
+def test_a_full_disk_while_writing_a_run_file_names_it_and_keeps_the_old_one(tmp_path, monkeypatch):
+    import errno
+
+    import vaopd.atomic_io as atomic_io
+    from vaopd.atomic_io import RunWriteError, atomic_write_text
+    from vaopd.metrics import MetricsLogger
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    path = tmp_path / BEST_FILE
+    path.write_text("old\n")
+    monkeypatch.setattr(atomic_io.os, "fsync", full)
+    with pytest.raises(RunWriteError, match=rf"cannot write {path}: No space left on device; it was left as it was"):
+        atomic_write_text(path, "new\n")
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [BEST_FILE] and path.read_text() == "old\n"
+
+    logger = MetricsLogger(tmp_path)
+    logger.log({"step": 1})
+
+    class FullFile:
+        write = flush = staticmethod(full)
+
+    real, logger._file = logger._file, FullFile()
+    with pytest.raises(RunWriteError, match=rf"cannot append to {tmp_path / 'metrics.jsonl'}: No space left on device; "
+                                            "the checkpoints are intact"):
+        logger.log({"step": 2})
+    logger._file = real
+    logger.close()
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1}\n'

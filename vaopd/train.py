@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from vaopd.atomic_io import atomic_write_text
+from vaopd.atomic_io import RunWriteError, atomic_write_text
 from vaopd.build import Setup, build_setup, parallelize
 from vaopd.checkpoint import (CheckpointError, is_sharded_checkpoint, latest_checkpoint, load_sharded_state,
                               load_trainer_state, remove_later_checkpoints, remove_stale_temporaries, rng_state,
@@ -341,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
             print(build_plan(cfg))
             return 0
         result = train(cfg, resume=args.resume, overwrite=args.overwrite, handle_signals=True)
-    except (ConfigError, DataError, VocabularyError, RunFolderError, CheckpointError, JsonlError) as e:
+    except (ConfigError, DataError, VocabularyError, RunFolderError, CheckpointError, JsonlError, RunWriteError) as e:
         print(f"{rank}error: {e}", file=sys.stderr)
         return 2
     except TrainingAborted as e:
