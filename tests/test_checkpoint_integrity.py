@@ -260,8 +260,13 @@ def test_loading_non_finite_weights_is_refused_by_resume_eval_and_export(tmp_pat
     assert train_main(["--resume", str(ckpt), *tiny_cli(tmp_path, "train.max_steps=2", "train.checkpoint_every=1")]) == 2
     assert eval_main(["--checkpoint", str(ckpt)]) == 2
     assert export_main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "out")]) == 2
+    plain = tmp_path / "plain"  # a model folder without a manifest is checked too
+    shutil.copytree(ckpt / "model", plain)
+    shutil.copy2(ckpt / "config.yaml", plain / "config.yaml")
+    assert eval_main(["--checkpoint", str(plain)]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
-    assert len(err) == 3 and all(expected in line for line in err), err
+    assert len(err) == 4 and all(expected in line for line in err[:3]), err
+    assert f"{plain / 'model.safetensors'}: the weight {name} holds NaN or infinity" in err[3]
     assert folder_hash(tmp_path / "run") == before and not (tmp_path / "out").exists()
 
 

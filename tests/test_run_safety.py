@@ -254,3 +254,17 @@ def test_a_full_disk_while_writing_a_run_file_names_it_and_keeps_the_old_one(tmp
     logger._file = real
     logger.close()
     assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1}\n'
+
+
+def test_under_torchrun_a_refused_lock_stops_every_rank(tmp_path):
+    from tests.test_distributed_train import sets as rank_sets
+    from tests.test_distributed_train import torchrun
+
+    run = tmp_path / "run"
+    with lock_run_folder(run):
+        done = torchrun(tmp_path, *rank_sets(f"train.run_dir={run}", "train.max_steps=1"))
+    assert done.returncode != 0
+    for rank in (0, 1):  # each rank says why at once, none waits for a collective's timeout
+        assert f"[rank {rank}] error: {run} is in use by another run (pid {os.getpid()})" in done.stderr, done.stderr[-3000:]
+    assert "Timeout" not in done.stderr and "Traceback" not in done.stderr
+    assert not run.exists()
