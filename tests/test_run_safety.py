@@ -147,7 +147,7 @@ def validated_run(tmp_path, monkeypatch, *overrides):
 @pytest.mark.parametrize("content, says", [
     ('{"step": 2, "val_accuracy": 0.5, "checkpoint": "checkpoints/step_0000', "not a JSON record"),
     ('[1, 2]', "holds a list, not a record"),
-    ('{"step": "2", "val_accuracy": 0.5, "checkpoint": "checkpoints/step_00000002"}', "'step' is missing or not a int"),
+    ('{"step": "2", "val_accuracy": 0.5, "checkpoint": "checkpoints/step_00000002"}', "'step' is missing or not an integer"),
     ('{"step": 2, "val_accuracy": 0.5, "checkpoint": "../other/checkpoints/step_00000002"}',
      "'checkpoint' is '../other/checkpoints/step_00000002', not checkpoints/step_00000002 of this run; refusing to follow it"),
     ('{"step": 1, "val_accuracy": 0.5, "checkpoint": "checkpoints/step_00000002"}', "not checkpoints/step_00000001"),

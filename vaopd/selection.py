@@ -40,9 +40,10 @@ def read_best(run_dir: str | Path) -> dict | None:
         raise CheckpointError(f"{path}: not a JSON record ({e}); {fix}") from None
     if not isinstance(record, dict):
         raise CheckpointError(f"{path}: holds a {type(record).__name__}, not a record; {fix}")
-    for key, kinds in (("step", int), ("val_accuracy", (int, float)), ("checkpoint", str)):
+    for key, kinds, kind in (("step", int, "an integer"), ("val_accuracy", (int, float), "a number"),
+                             ("checkpoint", str, "a string")):
         if not isinstance(record.get(key), kinds) or isinstance(record.get(key), bool):
-            raise CheckpointError(f"{path}: {key!r} is missing or not a {getattr(kinds, '__name__', 'number')}; {fix}")
+            raise CheckpointError(f"{path}: {key!r} is missing or not {kind}; {fix}")
     m = _RUN_CHECKPOINT.fullmatch(record["checkpoint"])
     if m is None or int(m.group(1)) != record["step"]:
         raise CheckpointError(f"{path}: 'checkpoint' is {record['checkpoint']!r}, not checkpoints/step_"
