@@ -1,9 +1,12 @@
-"""Data errors say what to fix: the unreadable image's path, the config key of a missing field, and
-the number of records skipped reaches the run's output."""
+"""Data errors say what to fix: the unreadable or unusable image's path, the config key of a
+missing field, the line of a non-UTF-8 or cut-short file, and the number of records skipped
+reaches the run's output."""
+import json
+
 import pytest
 
 from tests.test_data import png_bytes, write_jsonl
-from tests.trainer_utils import tiny_config
+from tests.trainer_utils import tiny_cli, tiny_config
 from vaopd.data import DataError, load_records
 from vaopd.train import train
 
@@ -44,3 +47,38 @@ def test_skipped_records_are_reported_in_the_run_output(tmp_path, capsys):
     write_jsonl(tmp_path / "d.jsonl", rows)
     train(tiny_config(tmp_path, f"data.train={tmp_path / 'd.jsonl'}", "data.skip_bad_records=true", "train.max_steps=1"))
     assert f"data.skip_bad_records: skipped 1 bad record(s) of {tmp_path / 'd.jsonl'}" in capsys.readouterr().out
+
+
+def test_an_image_no_processor_takes_is_refused_at_load_naming_the_record_or_skipped(tmp_path, capsys):
+    from vaopd.train import main
+
+    (tmp_path / "a.png").write_bytes(png_bytes())
+    (tmp_path / "line.png").write_bytes(png_bytes(size=(400, 1)))  # 1x400: aspect ratio 400
+    rows = [{"problem": f"How many? {i}", "answer": "1", "images": ["a.png"]} for i in range(8)]
+    rows[5]["images"] = ["line.png"]  # a record the run would reach only mid-run
+    write_jsonl(tmp_path / "d.jsonl", rows)
+    args = tiny_cli(tmp_path, f"data.train={tmp_path / 'd.jsonl'}", "train.max_steps=3")
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: {tmp_path / 'd.jsonl'}: bad record 5 (row 5): the image {tmp_path / 'line.png'} is 400x1, "
+                   "an aspect ratio over 200 that vision-language image processors refuse; crop or pad it (set "
+                   "data.skip_bad_records=true to skip such records)\n")
+    assert not (tmp_path / "run").exists()  # nothing to --overwrite afterwards
+    assert main([*args, "--set", "data.skip_bad_records=true"]) == 0
+    assert f"data.skip_bad_records: skipped 1 bad record(s) of {tmp_path / 'd.jsonl'}" in capsys.readouterr().out
+
+
+def test_non_utf8_and_truncated_data_files_name_the_file_and_line(tmp_path):
+    (tmp_path / "a.png").write_bytes(png_bytes())
+    good = json.dumps({"problem": "q", "answer": "1", "images": ["a.png"]})
+    (tmp_path / "d.jsonl").write_bytes(f"{good}\n{good}\n".encode() + b'{"problem": "caf\xe9"}\n')
+    with pytest.raises(DataError, match=rf"^{tmp_path / 'd.jsonl'}: line 3 is not UTF-8 text \(byte 0xe9\); save the "
+                                        "file as UTF-8$"):
+        load_records(tmp_path / "d.jsonl")
+    (tmp_path / "d.json").write_text(f"[{good}, {good}"[:-7])
+    with pytest.raises(DataError, match=rf"^{tmp_path / 'd.json'}: not valid JSON \(.*\); a cut-short file must be "
+                                        "written again$"):
+        load_records(tmp_path / "d.json")
+    (tmp_path / "d.parquet").write_bytes(b"PAR1 cut short")
+    with pytest.raises(DataError, match=rf"^{tmp_path / 'd.parquet'}: not a readable parquet file"):
+        load_records(tmp_path / "d.parquet")

@@ -11,7 +11,7 @@ import vaopd.build as build_mod
 import vaopd.optim as optim_mod
 import vaopd.step as step_mod
 from tests.trainer_utils import max_diff, state, tiny_config
-from vaopd.checkpoint import latest_checkpoint, load_trainer_state
+from vaopd.checkpoint import CheckpointError, latest_checkpoint, load_trainer_state
 from vaopd.data import tiny_records
 from vaopd.kernels import LossSpec, va_opd_loss
 from vaopd.rollout import HFGenerate, banned_token_ids, encode_prompts, response_mask
@@ -273,7 +273,7 @@ def test_crash_mid_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
         real_save(obj, path)
 
     monkeypatch.setattr(ckpt_mod.torch, "save", crashing_save)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(CheckpointError, match="step_00000002: OSError: disk full; its temporary folder was removed"):
         train(cfg)
     checkpoints = tmp_path / "run" / "checkpoints"
     assert latest_checkpoint(checkpoints).name == "step_00000001"

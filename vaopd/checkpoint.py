@@ -27,10 +27,18 @@ A distributed run (torchrun) writes the *sharded* layout instead (``save_sharded
   world size). Rank 0 renames the temporary folder once every rank has written its shards.
 
 DCP files are read with ``vaopd.safe_dcp`` (an allowlist unpickler), never with plain ``pickle``.
+
+Weights are checked for NaN and infinity both ways: a save refuses a model holding any (the
+newest checkpoint stays the last good one), and ``verify_checkpoint`` refuses a checkpoint whose
+safetensors hold any, naming the file and the tensor. A save that fails (a full disk) removes its
+temporary folder and says so; the checkpoints already written are untouched. Old checkpoints are
+pruned by renaming them to a temporary name first, so a kill mid-delete never leaves a half-deleted
+``step_*``.
 """
 from __future__ import annotations
 
 import ctypes
+import errno
 import json
 import os
 import re
@@ -41,17 +49,23 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from safetensors import SafetensorError, safe_open
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.tensor import DTensor
 
 from vaopd.manifest import CheckpointError, verify_manifest, write_manifest
 from vaopd.safe_dcp import SafeFileSystemReader, SafeLoadPlanner, read_dcp_metadata
 
 __all__ = ["save_checkpoint", "save_sharded_checkpoint", "is_sharded_checkpoint", "load_sharded_state", "latest_checkpoint",
            "step_checkpoints", "verify_checkpoint", "CheckpointError", "remove_stale_temporaries",
-           "remove_later_checkpoints", "load_trainer_state", "rng_state", "set_rng_state"]
+           "remove_later_checkpoints", "load_trainer_state", "check_finite_weights", "rng_state", "set_rng_state"]
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
-_TMP_DIR = re.compile(r"^\.tmp_step_\d{8}(?:_(\d+))?$")
+# A save's temporary folder; "_replaced": a checkpoint being replaced, "_pruned": one being deleted.
+_TMP_DIR = re.compile(r"^\.tmp_step_\d{8}(?:_(\d+))?(?:_replaced|_pruned)?$")
+# What a failed save can raise: OSError (a full disk), torch.save's RuntimeError, safetensors' own.
+_WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
+_NEARLY_FULL = 1 << 20  # bytes free on the checkpoint's filesystem after a failed write: it ran full
 
 
 def rng_state() -> dict:
@@ -113,24 +127,82 @@ def save_checkpoint(
     """Write checkpoint ``step`` atomically; keep the newest ``keep`` checkpoints (None: all) and the
     steps in ``protect`` (the best checkpoint). Returns its path."""
     checkpoints_dir = Path(checkpoints_dir)
-    checkpoints_dir.mkdir(parents=True, exist_ok=True)
     final = checkpoints_dir / f"step_{step:08d}"
+    _refuse_non_finite(model, final)
+    checkpoints_dir.mkdir(parents=True, exist_ok=True)
     tmp = checkpoints_dir / f".tmp_step_{step:08d}_{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir()
-    model.save_pretrained(tmp / "model", safe_serialization=True)
-    tokenizer.save_pretrained(tmp / "model")
-    image_processor.save_pretrained(tmp / "model")
-    torch.save(trainer_state, tmp / "trainer_state.pt")
-    (tmp / "config.yaml").write_text(config_yaml, encoding="utf-8")
-    meta = {"step": step, "data_position": trainer_state.get("data_position")}
-    (tmp / "meta.json").write_text(json.dumps(meta) + "\n", encoding="utf-8")
-    _fsync_tree(tmp)
-    write_manifest(tmp)
+    try:
+        tmp.mkdir()
+        model.save_pretrained(tmp / "model", safe_serialization=True)
+        tokenizer.save_pretrained(tmp / "model")
+        image_processor.save_pretrained(tmp / "model")
+        with open(tmp / "trainer_state.pt", "wb") as f:  # through Python's file: a full disk raises OSError(ENOSPC)
+            torch.save(trainer_state, f)
+        (tmp / "config.yaml").write_text(config_yaml, encoding="utf-8")
+        meta = {"step": step, "data_position": trainer_state.get("data_position")}
+        (tmp / "meta.json").write_text(json.dumps(meta) + "\n", encoding="utf-8")
+        _fsync_tree(tmp)
+        write_manifest(tmp)
+    except _WRITE_ERRORS as e:
+        _failed_save(tmp, final, e)
     _publish(tmp, final)
     _prune(checkpoints_dir, keep, protect)
     return final
+
+
+def _failed_save(tmp: Path, final: Path, error: Exception) -> None:
+    """Remove the temporary folder of a failed save and raise ``CheckpointError`` saying why."""
+    # torch's writer reports a full disk as "unexpected pos": ask the filesystem too, before freeing the space.
+    full = (isinstance(error, OSError) and error.errno == errno.ENOSPC or "No space left" in str(error)
+            or shutil.disk_usage(final.parent).free < _NEARLY_FULL)
+    shutil.rmtree(tmp, ignore_errors=True)
+    reason = "no space left on the device" if full else f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+    raise CheckpointError(
+        f"cannot write checkpoint {final}: {reason}; its temporary folder was removed and the checkpoints already "
+        f"in {final.parent} are intact. {'Free some space, then' if full else 'Fix that, then'} continue with --resume."
+    ) from None
+
+
+def _non_finite(tensor: torch.Tensor) -> bool:
+    return tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+
+
+def _first_non_finite(model) -> str | None:
+    """The name of the first weight of ``model`` holding NaN or infinity, or None. Under torchrun
+    each rank checks its own shards and every rank gets the same answer."""
+    bad = next((name for name, t in model.state_dict().items()
+                if _non_finite(t.to_local() if isinstance(t, DTensor) else t)), None)
+    if dist.is_initialized():
+        names = [None] * dist.get_world_size()
+        dist.all_gather_object(names, bad)
+        bad = next((n for n in names if n is not None), None)
+    return bad
+
+
+def _refuse_non_finite(model, final: Path) -> None:
+    """Raise ``CheckpointError`` before saving ``final`` if a weight of ``model`` is not finite."""
+    bad = _first_non_finite(model)
+    if bad is not None:
+        good = latest_checkpoint(final.parent)
+        raise CheckpointError(
+            f"refusing to save {final}: the weight {bad} holds NaN or infinity. The last good checkpoint "
+            f"({good if good else 'none'}) is left intact; lower optim.lr or check the data, then --resume.")
+
+
+def check_finite_weights(model_dir: Path) -> None:
+    """Raise ``CheckpointError`` naming the file and tensor if a ``*.safetensors`` file of ``model_dir``
+    holds NaN or infinity, or is not a readable safetensors file (a crafted or damaged header)."""
+    for file in sorted(Path(model_dir).glob("*.safetensors")):
+        try:
+            with safe_open(file, framework="pt") as f:
+                bad = next((name for name in f.keys() if _non_finite(f.get_tensor(name))), None)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{file}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+        if bad is not None:
+            raise CheckpointError(f"{file}: the weight {bad} holds NaN or infinity; refusing to load it "
+                                  "(resume or evaluate an earlier checkpoint)")
 
 
 def _prune(checkpoints_dir: Path, keep: int | None, protect: tuple[int, ...] = ()) -> None:
@@ -139,7 +211,15 @@ def _prune(checkpoints_dir: Path, keep: int | None, protect: tuple[int, ...] = (
         return
     for old in sorted(p for p in checkpoints_dir.iterdir() if _STEP_DIR.match(p.name))[:-keep]:
         if int(_STEP_DIR.match(old.name).group(1)) not in protect:
-            shutil.rmtree(old)
+            _delete(old)
+
+
+def _delete(checkpoint: Path) -> None:
+    """Delete a checkpoint folder: renamed to a temporary name first (one atomic step), so a kill
+    while deleting leaves a temporary that ``remove_stale_temporaries`` removes, never a partial ``step_*``."""
+    doomed = checkpoint.with_name(f".tmp_{checkpoint.name}_{os.getpid()}_pruned")
+    os.rename(checkpoint, doomed)
+    shutil.rmtree(doomed)
 
 
 def save_sharded_checkpoint(
@@ -155,6 +235,7 @@ def save_sharded_checkpoint(
     """
     checkpoints_dir = Path(checkpoints_dir)
     final = checkpoints_dir / f"step_{step:08d}"
+    _refuse_non_finite(model, final)
     main = dist.get_rank() == 0
     name = [f".tmp_step_{step:08d}_{os.getpid()}"]
     dist.broadcast_object_list(name, src=0)  # rank 0's pid: whose folder it is, for stale-folder cleanup
@@ -197,16 +278,21 @@ def load_sharded_state(checkpoint: Path, model, optimizer=None) -> None:
 
     Works on any number of ranks, FSDP-sharded or not, and in a plain process without a process
     group: DCP reads each parameter's global shape and copies the pieces this process holds.
+    Raises ``CheckpointError`` (on every rank) if a loaded weight holds NaN or infinity.
     """
     if optimizer is None:
         state = {"model": model.state_dict()}
         _dcp_load(state, checkpoint)
         model.load_state_dict(state["model"])
-        return
-    model_state, optim_state = get_state_dict(model, optimizer)
-    state = {"model": model_state, "optim": optim_state}
-    _dcp_load(state, checkpoint)
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    else:
+        model_state, optim_state = get_state_dict(model, optimizer)
+        state = {"model": model_state, "optim": optim_state}
+        _dcp_load(state, checkpoint)
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    bad = _first_non_finite(model)
+    if bad is not None:
+        raise CheckpointError(f"{Path(checkpoint) / 'dcp'}: the weight {bad} holds NaN or infinity; refusing to load "
+                              "it (resume or export an earlier checkpoint)")
 
 
 def _dcp_load(state: dict, checkpoint: Path) -> None:
@@ -235,13 +321,16 @@ def latest_checkpoint(checkpoints_dir: Path) -> Path | None:
 
 def verify_checkpoint(checkpoint: Path) -> None:
     """Raise ``CheckpointError`` naming the bad file unless every file matches ``manifest.json`` and,
-    for a sharded checkpoint, its DCP index passes the allowlist unpickler."""
+    for a sharded checkpoint, its DCP index passes the allowlist unpickler, else its safetensors
+    are readable and finite (``check_finite_weights``; a ``vaopd.export`` folder is checked alike)."""
     checkpoint = Path(checkpoint)
     if not checkpoint.is_dir():
         raise CheckpointError(f"{checkpoint}: no such checkpoint folder")
     verify_manifest(checkpoint)
     if is_sharded_checkpoint(checkpoint):
         read_dcp_metadata(checkpoint / "dcp" / ".metadata")
+    else:
+        check_finite_weights(checkpoint / "model" if (checkpoint / "model").is_dir() else checkpoint)
 
 
 def remove_stale_temporaries(checkpoints_dir: Path) -> list[Path]:
@@ -250,7 +339,7 @@ def remove_stale_temporaries(checkpoints_dir: Path) -> list[Path]:
     checkpoints_dir = Path(checkpoints_dir)
     removed = []
     for p in (checkpoints_dir.iterdir() if checkpoints_dir.is_dir() else ()):
-        m = _TMP_DIR.match(p.name.removesuffix("_replaced"))
+        m = _TMP_DIR.match(p.name)
         if m and p.is_dir() and (m.group(1) is None or not _alive(int(m.group(1)))):
             shutil.rmtree(p)
             removed.append(p)
@@ -287,11 +376,30 @@ def remove_later_checkpoints(checkpoints_dir: Path, step: int, damaged: list[Pat
             p.rename(target)
             set_aside.append(target)
         else:
-            shutil.rmtree(p)
+            _delete(p)
             removed.append(p)
     return removed, set_aside
 
 
+_TRAINER_STATE_KEYS = ("step", "data_position", "bad_steps", "scheduler")
+
+
 def load_trainer_state(checkpoint: Path, map_location="cpu") -> dict:
-    """The trainer state of a checkpoint, loaded with ``weights_only=True``."""
-    return torch.load(Path(checkpoint) / "trainer_state.pt", map_location=map_location, weights_only=True)
+    """The trainer state of a checkpoint, loaded with ``weights_only=True``; ``CheckpointError``
+    naming the file if it is not one (damaged, crafted, or missing a key the trainer reads)."""
+    path = Path(checkpoint) / "trainer_state.pt"
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing") from None
+    except Exception as e:  # a damaged or crafted file fails in many ways (UnpicklingError, EOFError, RuntimeError, ...)
+        # torch's message advises weights_only=False, which would run whatever the file holds: not repeated here.
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        reason = next((line for line in lines if line.startswith("WeightsUnpickler error")), type(e).__name__)
+        raise CheckpointError(f"{path}: not a trainer state vaopd can load ({reason}); nothing from it was run. "
+                              "Resume from another checkpoint of the run (--resume CHECKPOINT).") from None
+    missing = [k for k in _TRAINER_STATE_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointError(f"{path}: not a vaopd trainer state (no {', '.join(missing)}). "
+                              "Resume from another checkpoint of the run (--resume CHECKPOINT).")
+    return state

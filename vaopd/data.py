@@ -4,8 +4,10 @@ File records follow Geometry3K (``images`` a list of ``{"bytes", "path"}``, ``pr
 ``answer``) or ViRL39K (``image`` a list of paths, ``question``, ``answer``); the keys are
 configurable. An image may be a path (relative to ``image_root`` or the data file's folder), raw
 bytes, a ``{"bytes", "path"}`` dict, or a one-element list of those. Every image is decoded at
-load time, so a missing or corrupt image fails before training starts, with an error naming the
-record (or, with ``skip_bad_records``, the record is skipped and counted).
+load time, so a missing, corrupt or unusable image (an aspect ratio over ``MAX_ASPECT_RATIO``)
+fails before training starts and before the run folder is touched, with an error naming the record
+(or, with ``skip_bad_records``, the record is skipped and counted). A data file that is not UTF-8
+or not valid JSON is named with its line.
 
 The order of prompts is a pure function of the seed and the position: epoch ``e`` is a seeded
 permutation of the records, and the prompts of optimizer step ``s`` are positions
@@ -22,7 +24,12 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-__all__ = ["DataError", "Record", "Dataset", "load_records", "load_dataset", "tiny_records", "step_indices"]
+__all__ = ["DataError", "Record", "Dataset", "MAX_ASPECT_RATIO", "load_records", "load_dataset", "tiny_records",
+           "step_indices"]
+
+# The widest image a vision-language image processor accepts (longest side over shortest): the
+# Qwen-VL processors raise beyond it, in the middle of a run, so such an image is refused at load.
+MAX_ASPECT_RATIO = 200
 
 
 class DataError(ValueError):
@@ -101,19 +108,33 @@ def _decode(data: bytes, where: str) -> Image.Image:
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
-            return im.convert("RGB")
+            image = im.convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         # PIL's own message names an anonymous BytesIO; say which image it was.
         reason = "not a readable image" if isinstance(e, Image.UnidentifiedImageError) else f"{type(e).__name__}: {e}"
         raise ValueError(f"cannot decode the image {where} ({len(data)} bytes): {reason}") from None
+    width, height = image.size
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise ValueError(f"the image {where} is {width}x{height}, an aspect ratio over {MAX_ASPECT_RATIO} that "
+                         "vision-language image processors refuse; crop or pad it")
+    return image
 
 
 def _read_rows(path: Path) -> list[dict]:
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json"):
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = data.count(b"\n", 0, e.start) + 1
+            raise DataError(f"{path}: line {line} is not UTF-8 text (byte 0x{data[e.start]:02x}); save the file as "
+                            "UTF-8") from None
         if suffix == ".json":
-            rows = json.loads(text)
+            try:
+                rows = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}: not valid JSON ({e}); a cut-short file must be written again") from None
             if not isinstance(rows, list):
                 raise DataError(f"{path}: a .json data file must hold a list of records")
             return rows
@@ -130,7 +151,10 @@ def _read_rows(path: Path) -> list[dict]:
             import pyarrow.parquet as pq
         except ImportError:
             raise DataError(f"{path}: reading parquet needs pyarrow (pip install 'vaopd[parquet]')") from None
-        return pq.read_table(path).to_pylist()
+        try:
+            return pq.read_table(path).to_pylist()
+        except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError, ArrowIOError an OSError
+            raise DataError(f"{path}: not a readable parquet file ({e})") from None
     raise DataError(f"{path}: unsupported data file type {suffix!r} (use .jsonl, .json or .parquet)")
 
 

@@ -18,7 +18,7 @@ import sys
 
 import torch
 
-from vaopd.checkpoint import is_sharded_checkpoint, verify_checkpoint
+from vaopd.checkpoint import check_finite_weights, is_sharded_checkpoint, verify_checkpoint
 from vaopd.config import Config, ConfigError, load_config
 from vaopd.manifest import MANIFEST
 from vaopd.data import DataError, Record, load_dataset
@@ -101,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
                               "vaopd.export folder (config.json and config.yaml)")
         if (ckpt / MANIFEST).is_file() or (ckpt / "trainer_state.pt").exists():
             verify_checkpoint(ckpt)
+        else:  # a model folder without a manifest: its weights must still be finite
+            check_finite_weights(model_dir)
         if is_sharded_checkpoint(ckpt):
             raise ConfigError(f"--checkpoint: {ckpt} is sharded (written under torchrun): "
                               f"python -m vaopd.export --checkpoint {ckpt} --out DIR, then evaluate DIR")

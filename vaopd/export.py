@@ -3,7 +3,8 @@ consolidated ``save_pretrained`` folder (safetensors, config, tokenizer, image p
 inference with ``from_pretrained`` or ``vaopd.eval`` (the folder also holds the run's
 ``config.yaml``, which ``vaopd.eval`` reads, and a ``manifest.json`` of its files).
 
-The checkpoint is verified against its manifest first: a damaged one is refused, naming the file.
+The checkpoint is verified first (its manifest, readable and finite weights): a damaged one is
+refused, naming the file. ``--out`` must be a new or empty folder outside every checkpoint.
 
 Both checkpoint layouts work (``vaopd.checkpoint``): a single-process checkpoint's ``model/``
 already holds full safetensors and is re-saved as is; a sharded (torchrun) checkpoint's weights
@@ -21,7 +22,7 @@ import torch
 
 from vaopd import torchvision_ops  # noqa: F401  first: transformers may import torchvision (see there)
 from vaopd.checkpoint import is_sharded_checkpoint, load_sharded_state, verify_checkpoint
-from vaopd.manifest import write_manifest
+from vaopd.manifest import MANIFEST, write_manifest
 from vaopd.selection import resolve_checkpoint
 
 __all__ = ["export", "main"]
@@ -39,8 +40,7 @@ def export(checkpoint: str | Path, out: str | Path, dtype: str = "float32") -> P
         raise FileNotFoundError(f"{checkpoint} is not a checkpoint folder (no model/)")
     if (model_dir / "adapter_config.json").is_file():
         raise ValueError(f"{checkpoint} holds a LoRA adapter: load it with peft onto model.student, or merge it there")
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} exists and is not empty")
+    _check_out(out)
     verify_checkpoint(checkpoint)
     if is_sharded_checkpoint(checkpoint):
         model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(model_dir), dtype=torch.float32)
@@ -54,6 +54,21 @@ def export(checkpoint: str | Path, out: str | Path, dtype: str = "float32") -> P
     shutil.copy2(checkpoint / "config.yaml", out / "config.yaml")  # the run's settings, for vaopd.eval
     write_manifest(out)
     return out
+
+
+def _check_out(out: Path) -> None:
+    """Refuse an ``--out`` that is a file, not empty, directly in a run's ``checkpoints/``, or inside a
+    checkpoint or export folder (one with a manifest: writing there would change what it describes)."""
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out}: a file, not a folder; name a new or empty folder")
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"--out {out}: exists and is not empty; name a new or empty folder")
+    if out.resolve().parent.name == "checkpoints":
+        raise ValueError(f"--out {out}: inside a run's checkpoints folder; export to a folder outside it")
+    holder = next((p for p in out.resolve().parents if (p / MANIFEST).is_file()), None)
+    if holder is not None:
+        raise ValueError(f"--out {out}: inside the checkpoint {holder}, whose files its {MANIFEST} describes; "
+                         "export to a folder outside every checkpoint")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from vaopd.atomic_io import atomic_write_text
+from vaopd.atomic_io import RunWriteError, atomic_write_text
 from vaopd.objective import high_group
 
 __all__ = ["MetricsLogger", "JsonlError", "check_jsonl", "truncate_jsonl", "token_stats"]
@@ -126,8 +126,12 @@ class MetricsLogger:
         if not self.enabled:
             return
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
-        self._file.write(json.dumps(clean) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(clean) + "\n")
+            self._file.flush()
+        except OSError as e:  # a line cut short here is dropped as torn by the next --resume
+            raise RunWriteError(e.errno, f"cannot append to {self.path}: {e.strerror}; the checkpoints are intact, "
+                                "continue with --resume once it can be written") from None
         scalars = {k: v for k, v in clean.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
         if self._tb is not None:
             for k, v in scalars.items():

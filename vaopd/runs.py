@@ -9,22 +9,33 @@ run's files first). Nothing else in the folder is touched.
 the checkpoint: the newest one whose files match their manifest (a damaged one is named,
 skipped with a warning, and later set aside as ``step_N.damaged``, never deleted), and refuses config changes that would alter the optimisation being
 continued (``vaopd.config.resume_changes``).
+
+``lock_run_folder`` makes one process the folder's only writer for the whole run: an exclusive
+``flock`` on ``<run_dir>/.lock``, taken before anything in the folder is read. The OS drops it
+when its process ends, however it ends, so a killed run never blocks the next one.
 """
 from __future__ import annotations
 
+import errno
+import fcntl
+import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from vaopd.checkpoint import CheckpointError, step_checkpoints, verify_checkpoint
 from vaopd.config import Config, read_config_file, resume_changes
 from vaopd.metrics import check_jsonl
+from vaopd.selection import read_best
 
-__all__ = ["RunFolderError", "RUN_FILES", "run_dir_of", "run_files", "check_new_run", "clear_run", "choose_checkpoint",
-           "start_run"]
+__all__ = ["RunFolderError", "RUN_FILES", "LOCK_FILE", "run_dir_of", "lock_run_folder", "run_files", "check_new_run",
+           "clear_run", "choose_checkpoint", "start_run"]
 
 # What a run writes into its folder (best.json: vaopd.selection's record of the best checkpoint).
 RUN_FILES = ("checkpoints", "metrics.jsonl", "config.yaml", "rollouts.jsonl", "best.json", "tensorboard")
+# Hidden and not a run file: a folder holding only the lock of a live run is still a new run's folder.
+LOCK_FILE = ".lock"
 
 
 class RunFolderError(ValueError):
@@ -34,6 +45,58 @@ class RunFolderError(ValueError):
 def run_dir_of(cfg: Config) -> Path:
     """``train.run_dir`` when set, else ``runs/<train.name>``."""
     return Path(cfg.train.run_dir or Path("runs") / cfg.train.name)
+
+
+@contextmanager
+def lock_run_folder(run_dir: Path) -> Iterator[None]:
+    """Hold ``run_dir`` for this process until the block ends; raise ``RunFolderError`` naming the
+    holder's pid if another process holds it (nothing in the folder is changed then).
+
+    The folder (and missing parents) is created to hold the lock file and removed again on exit if
+    it is still empty, so a run refused for another reason leaves no trace. The lock file is
+    deleted while still locked; a process that opened it before then finds, once it gets the lock,
+    that the path no longer names its file, and starts again on the new one.
+    """
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunFolderError(f"{run_dir}: the run folder is a file; set train.run_dir (or train.name) to a folder")
+    created = [p for p in (run_dir, *run_dir.parents) if not p.exists()][::-1]
+    path = run_dir / LOCK_FILE
+    while True:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except FileNotFoundError:  # the previous holder removed its just-emptied folder: make it again
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise RunFolderError(f"{path}: cannot lock the run folder ({e.strerror})") from None
+            raise RunFolderError(
+                f"{run_dir} is in use by another run (pid {holder}); one process per run folder: wait for it "
+                "to finish or stop it, or pick another folder (--set train.name=NAME)") from None
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        os.close(fd)
+        for folder in reversed(created):
+            try:
+                folder.rmdir()
+            except OSError:  # not empty: the run wrote into it
+                break
 
 
 def run_files(run_dir: Path) -> list[str]:
@@ -113,7 +176,7 @@ def start_run(cfg: Config, *, resume: str | bool | None, overwrite: bool,
     them aside instead of deleting them).
 
     Writes nothing: a refusal (``RunFolderError``, ``CheckpointError``, ``JsonlError``) leaves the
-    folder as it was.
+    folder as it was. Call it holding the folder's lock (``lock_run_folder``).
     """
     run_dir = run_dir_of(cfg)
     if resume and overwrite:
@@ -137,6 +200,7 @@ def start_run(cfg: Config, *, resume: str | bool | None, overwrite: bool,
             "(--set train.name=NAME, or --overwrite).")
     for log in ("metrics.jsonl", "rollouts.jsonl"):  # a damaged log stops the resume before anything changes
         check_jsonl(run_dir / log)
+    read_best(run_dir)  # and so does a damaged best.json
     if allowed:
         warn("--resume: changed settings (allowed): " + "; ".join(allowed))
     return ckpt, damaged

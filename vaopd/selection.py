@@ -12,21 +12,43 @@ the command lines of ``vaopd.export`` and ``vaopd.eval`` (``--checkpoint best --
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from vaopd.atomic_io import atomic_write_text
+from vaopd.manifest import CheckpointError
 
 __all__ = ["BEST_FILE", "read_best", "write_best", "is_better", "resolve_checkpoint"]
 
 BEST_FILE = "best.json"
+# The only checkpoint a record may name: one of its own run's (never a path leading elsewhere).
+_RUN_CHECKPOINT = re.compile(r"checkpoints/step_(\d{8})")
 
 
 def read_best(run_dir: str | Path) -> dict | None:
-    """The run's best-checkpoint record (``step``, ``val_accuracy``, ``checkpoint``, ...), or None."""
+    """The run's best-checkpoint record (``step``, ``val_accuracy``, ``checkpoint``, ...), or None.
+
+    Raises ``CheckpointError`` naming the file if it is not such a record, or if its ``checkpoint``
+    is not ``checkpoints/step_<step>`` of this run (a record is never followed out of its run)."""
     path = Path(run_dir) / BEST_FILE
     if not path.is_file():
         return None
-    return json.loads(path.read_text(encoding="utf-8"))
+    fix = "restore it, or delete it (later validations choose the best checkpoint again)"
+    try:
+        record = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: not a JSON record ({e}); {fix}") from None
+    if not isinstance(record, dict):
+        raise CheckpointError(f"{path}: holds a {type(record).__name__}, not a record; {fix}")
+    for key, kinds, kind in (("step", int, "an integer"), ("val_accuracy", (int, float), "a number"),
+                             ("checkpoint", str, "a string")):
+        if not isinstance(record.get(key), kinds) or isinstance(record.get(key), bool):
+            raise CheckpointError(f"{path}: {key!r} is missing or not {kind}; {fix}")
+    m = _RUN_CHECKPOINT.fullmatch(record["checkpoint"])
+    if m is None or int(m.group(1)) != record["step"]:
+        raise CheckpointError(f"{path}: 'checkpoint' is {record['checkpoint']!r}, not checkpoints/step_"
+                              f"{record['step']:08d} of this run; refusing to follow it ({fix})")
+    return record
 
 
 def write_best(run_dir: str | Path, record: dict) -> None:

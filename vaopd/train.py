@@ -19,6 +19,7 @@ import os
 import signal
 import sys
 import traceback
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from vaopd import torchvision_ops  # noqa: F401  first: transformers may import torchvision (see there)
-from vaopd.atomic_io import atomic_write_text
+from vaopd.atomic_io import RunWriteError, atomic_write_text
 from vaopd.build import Setup, build_setup, parallelize
 from vaopd.checkpoint import (CheckpointError, is_sharded_checkpoint, latest_checkpoint, load_sharded_state,
                               load_trainer_state, remove_later_checkpoints, remove_stale_temporaries, rng_state,
@@ -40,7 +41,7 @@ from vaopd.metrics import JsonlError, MetricsLogger, truncate_jsonl
 from vaopd.models import VocabularyError, resolve_device
 from vaopd.optim import build_optimizer, total_steps
 from vaopd.plan import build_plan
-from vaopd.runs import RunFolderError, clear_run, run_dir_of, start_run
+from vaopd.runs import RunFolderError, clear_run, lock_run_folder, run_dir_of, start_run
 from vaopd.selection import BEST_FILE, is_better, read_best, write_best
 from vaopd.step import train_step
 
@@ -67,16 +68,19 @@ class TrainResult:
 _REFUSALS = (RunFolderError, CheckpointError, ConfigError, JsonlError)
 
 
-def _start_on_main(env, say, cfg: Config, resume, overwrite: bool) -> tuple[Path | None, list[Path]]:
-    """``vaopd.runs.start_run`` decided by rank 0 alone and told to every rank (a slower rank must
-    not see rank 0's first writes as an existing run); a refusal is raised on every rank."""
+def _start_on_main(env, say, cfg: Config, resume, overwrite: bool, held: ExitStack) -> tuple[Path | None, list[Path]]:
+    """``vaopd.runs.start_run`` decided by rank 0 alone, holding the run folder's lock (until
+    ``held`` closes), and told to every rank (a slower rank must not see rank 0's first writes as
+    an existing run); a refusal is raised on every rank."""
     if env is None:
+        held.enter_context(lock_run_folder(run_dir_of(cfg)))
         return start_run(cfg, resume=resume, overwrite=overwrite, warn=say)
     import torch.distributed as dist
 
     answer = [None]
     if env.is_main:
         try:
+            held.enter_context(lock_run_folder(run_dir_of(cfg)))
             ckpt, damaged = start_run(cfg, resume=resume, overwrite=overwrite, warn=say)
             answer[0] = ("ok", (str(ckpt) if ckpt else None, [str(p) for p in damaged]))
         except _REFUSALS as e:
@@ -98,6 +102,11 @@ def train(cfg: Config, *, resume: str | bool | None = None, overwrite: bool = Fa
     rank samples and scores its share of the step, checkpoints are sharded (DCP), and only rank 0
     writes metrics, the run dir's files and the progress bar.
     """
+    with ExitStack() as held:  # the run folder's lock (vaopd.runs.lock_run_folder), for the whole run
+        return _train(cfg, resume, overwrite, handle_signals, held)
+
+
+def _train(cfg: Config, resume: str | bool | None, overwrite: bool, handle_signals: bool, held: ExitStack) -> TrainResult:
     env = init_distributed(cfg.train.device, cfg.distributed.timeout_s) if launched_by_torchrun() else None
     device = env.device if env else resolve_device(cfg)
     main_rank = env is None or env.is_main
@@ -105,7 +114,7 @@ def train(cfg: Config, *, resume: str | bool | None = None, overwrite: bool = Fa
     if env and cfg.log.rollouts_every:
         say("log.rollouts_every: rollouts.jsonl is written by single-process runs only; not under torchrun")
     run_dir = run_dir_of(cfg)
-    ckpt, damaged = _start_on_main(env, say, cfg, resume, overwrite)
+    ckpt, damaged = _start_on_main(env, say, cfg, resume, overwrite, held)
     sharded_ckpt = ckpt is not None and is_sharded_checkpoint(ckpt)
     torch.manual_seed(cfg.train.seed)
     s = build_setup(cfg, device, student_source=str(ckpt / "model") if ckpt and not sharded_ckpt else None)
@@ -226,10 +235,11 @@ def train(cfg: Config, *, resume: str | bool | None = None, overwrite: bool = Fa
                             len=f"{record['response_len']:.1f}", tok_s=f"{record['tokens_per_s']:.0f}")
             if val_records is not None and cfg.eval.every and step % cfg.eval.every == 0 and step < steps:
                 validated[step] = validate(cfg, s, val_records, logger, step, result)
-            # No checkpoint right after a skipped step: the last good one must stay the newest.
-            if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and not record["skipped"]:
+            # No checkpoint right after a skipped step: the last good one must stay the newest. The
+            # last step's is saved after its validation: a checkpoint at the last step means validated.
+            if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and not record["skipped"] and step < steps:
                 result.checkpoint = save()
-        if val_records is not None and step == steps and not stopped:
+        if val_records is not None and step == steps and not stopped and step > first_step:
             validated[step] = validate(cfg, s, val_records, logger, step, result)
         if step > first_step:
             result.checkpoint = save()
@@ -332,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
             print(build_plan(cfg))
             return 0
         result = train(cfg, resume=args.resume, overwrite=args.overwrite, handle_signals=True)
-    except (ConfigError, DataError, VocabularyError, RunFolderError, CheckpointError, JsonlError) as e:
+    except (ConfigError, DataError, VocabularyError, RunFolderError, CheckpointError, JsonlError, RunWriteError) as e:
         print(f"{rank}error: {e}", file=sys.stderr)
         return 2
     except TrainingAborted as e:
