@@ -12,7 +12,7 @@ them (such as ``python -m vaopd.toy.compare``'s output), and writes into ``--out
   student's visual reliance against the step, OPD and VA-OPD runs in two colours.
 
 The trainer records the rollouts when ``log.rollouts_every`` is set (``rollouts.jsonl``, written
-by ``write_rollouts`` below); the curves come from ``metrics.jsonl``.
+by ``vaopd.rollout_log``); the curves come from ``metrics.jsonl``.
 """
 from __future__ import annotations
 
@@ -23,48 +23,11 @@ import math
 import sys
 from pathlib import Path
 
-import torch
 import yaml
 
-__all__ = ["write_rollouts", "read_jsonl", "find_runs", "visible_token", "render_page", "plot_curves", "main"]
+__all__ = ["read_jsonl", "find_runs", "visible_token", "render_page", "plot_curves", "main"]
 
 _METHOD_COLORS = {"opd": "tab:blue", "va_opd": "tab:red"}
-
-
-def write_rollouts(path: Path, *, step: int, method: str, tokenizer, tokens: torch.Tensor, mask: torch.Tensor,
-                   prompt_ids: list[int], records, high_fraction: float, teacher_logp: torch.Tensor,
-                   teacher_ablated_logp: torch.Tensor, student_logp: torch.Tensor,
-                   student_ablated_logp: torch.Tensor) -> None:
-    """Append one JSON line per rollout (its valid tokens only) to ``path``.
-
-    The high group is the one the loss uses (``ceil(high_fraction * L)`` largest teacher VA).
-    """
-    from vaopd.eval import grade
-    from vaopd.objective import token_coefficients
-
-    mask = mask.bool()
-    va = (teacher_logp - teacher_ablated_logp).clamp_min(0)
-    ones = torch.ones(mask.shape[0], device=mask.device)
-    high = token_coefficients(torch.where(mask, va, 0.0), mask, ones, high_fraction=high_fraction, high_weight=1.0) > 0
-    with open(path, "a", encoding="utf-8") as f:
-        for row in range(tokens.shape[0]):
-            keep = mask[row]
-            ids = tokens[row][keep].tolist()
-            text = tokenizer.decode(ids, skip_special_tokens=True)
-
-            def values(x: torch.Tensor) -> list[float]:
-                return [round(float(v), 5) for v in x[row][keep]]
-
-            f.write(json.dumps({
-                "step": step, "method": method, "row": row, "prompt": prompt_ids[row], "id": records[row].id,
-                "question": records[row].question, "answer": records[row].answer, "text": text,
-                "correct": grade(text, records[row].answer),
-                "tokens": [tokenizer.decode([i]) for i in ids],
-                "teacher_logp": values(teacher_logp), "teacher_ablated_logp": values(teacher_ablated_logp),
-                "teacher_va": values(va), "high": high[row][keep].tolist(),
-                "student_logp": values(student_logp), "student_ablated_logp": values(student_ablated_logp),
-                "student_va": values(student_logp - student_ablated_logp),
-            }) + "\n")
 
 
 def read_jsonl(path: Path) -> list[dict]:
