@@ -81,13 +81,24 @@ def exported(tmp_path, checkpoint, name):
 def test_resume_across_world_sizes_continues_identically(tmp_path, monkeypatch):
     monkeypatch.setattr(build_mod, "HFGenerate", ScriptedRollout)
     # Reference: one plain process, 4 steps, single-process checkpoints at 2 and 4.
-    ref = train_mod.train(tiny_config(tmp_path, *SETTINGS, "train.max_steps=4", "train.checkpoint_every=2", name="ref"))
+    ref = train_mod.train(tiny_config(tmp_path, *SETTINGS, "train.max_steps=4", "train.checkpoint_every=2",
+                                      "log.rollouts_every=1", name="ref"))
     ref_weights, ref_losses = state(ref.student), step_losses(ref.run_dir)
 
     # 2 ranks for steps 1-2 (sharded checkpoint), then one plain process for steps 3-4.
     two = tmp_path / "two_then_one"
-    done = torchrun(tmp_path, *sets(f"train.run_dir={two}", "train.max_steps=4", "train.stop_after=2"))
+    done = torchrun(tmp_path, *sets(f"train.run_dir={two}", "train.max_steps=4", "train.stop_after=2",
+                                    "log.rollouts_every=1"))
     assert done.returncode == 0, done.stderr[-3000:]
+    # Rank 0 logged its rows (slots 0-1: prompt 0's responses) with the numbers one process gets.
+    logged = [json.loads(line) for line in (two / "rollouts.jsonl").read_text().splitlines()]
+    ref_logged = [json.loads(line) for line in (ref.run_dir / "rollouts.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["row"], r["prompt"]) for r in logged] == [(1, 0, 0), (1, 1, 0), (2, 0, 0), (2, 1, 0)]
+    for r in logged:
+        (same,) = [x for x in ref_logged if (x["step"], x["row"]) == (r["step"], r["row"])]
+        assert r["tokens"] == same["tokens"] and r["high"] == same["high"]
+        for key in ("teacher_logp", "teacher_ablated_logp", "student_logp", "student_ablated_logp"):
+            assert max(abs(a - b) for a, b in zip(r[key], same[key])) < 1e-4, key
     ckpt = latest_checkpoint(two / "checkpoints")
     assert ckpt.name == "step_00000002" and is_sharded_checkpoint(ckpt)
     assert json.loads((ckpt / "meta.json").read_text())["world_size"] == 2

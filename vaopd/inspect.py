@@ -28,6 +28,12 @@ import yaml
 __all__ = ["read_jsonl", "find_runs", "visible_token", "render_page", "plot_curves", "main"]
 
 _METHOD_COLORS = {"opd": "tab:blue", "va_opd": "tab:red"}
+# What a curve panel says when no run has its data, and which setting records it.
+_EMPTY_PANEL = {
+    "val_accuracy": "no validation recorded\n(set data.val and eval.every)",
+    "va_share": "no rollouts recorded\n(set log.rollouts_every)",
+    "student_va": "no rollouts recorded\n(set log.rollouts_every)",
+}
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -172,7 +178,7 @@ def plot_curves(runs: list[Path], path: Path) -> Path | None:
               ("va_share", "teacher VA share of high group\n(logged rollouts)"),
               ("student_va", "student visual reliance\n(mean clean - ablated log p)")]
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4))
-    drawn = False
+    filled: set[str] = set()  # panels with at least one point
     labelled = set()
     for run in runs:
         method = run_method(run)
@@ -194,13 +200,19 @@ def plot_curves(runs: list[Path], path: Path) -> Path | None:
                     ax.plot(xs, ys, color=color, alpha=0.15, lw=0.6)
                     xs, ys = _moving_average(xs, ys, max(2, len(xs) // 25))
                 ax.plot(xs, ys, color=color, alpha=0.8, marker="o" if len(xs) < 30 else None, ms=3, label=label)
-                drawn = True
+                filled.add(key)
             ax.set_title(title, fontsize=9)
             ax.set_xlabel("step", fontsize=8)
             ax.tick_params(labelsize=7)
-    if not drawn:
+    if not filled:
         plt.close(fig)
         return None
+    for ax, (key, _) in zip(axes, panels):
+        if key not in filled:  # say so rather than draw empty axes
+            ax.text(0.5, 0.5, _EMPTY_PANEL.get(key, "no data"), ha="center", va="center", fontsize=8, color="dimgray",
+                    transform=ax.transAxes)
+            ax.set_xticks([])
+            ax.set_yticks([])
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

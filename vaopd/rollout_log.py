@@ -17,45 +17,54 @@ from vaopd.models import base_model
 from vaopd.objective import token_coefficients
 from vaopd.rollout import PromptBatch
 from vaopd.scoring import ablated_view, response_hidden, teacher_hidden
+from vaopd.strategy import Sampled
 
 __all__ = ["RolloutLog", "write_rollouts"]
 
 
 class RolloutLog:
-    """Hook ``(step, records, prompts, tokens, mask)``: log the step's first ``log.rollouts_per_log`` rollouts.
+    """Hook ``(step, records, prompts, sampled)``: log this process's first ``log.rollouts_per_log`` rollouts.
 
     Teacher and student log-probs of each sampled token with the clean and the ablated image
     (the ablation the loss uses, computed here for OPD too), so ``vaopd.inspect`` can show the
     teacher's VA and high group beside the student's own visual reliance. The step calls it
-    before the optimizer step: the student is still the policy that sampled these tokens.
+    before the optimizer step, and the student's log-probs come from the model the rollout engine
+    sampled from (``Strategy.sampling_model``): they are the policy's that sampled these tokens.
+
+    On one process these are the step's first rollouts. Under torchrun only rank 0 logs, its own
+    first rows (the step's first slots), on the unsharded sampling replica and a replicated teacher
+    (``distributed.teacher: replica``), so no other rank takes part.
     """
 
     def __init__(self, cfg: Config, setup, path: Path):
         self.cfg, self.s, self.path = cfg, setup, Path(path)
 
     @torch.no_grad()
-    def __call__(self, step: int, records: list, prompts: PromptBatch, tokens: torch.Tensor, mask: torch.Tensor) -> None:
+    def __call__(self, step: int, records: list, prompts: PromptBatch, sampled: Sampled) -> None:
         cfg, s = self.cfg, self.s
         K = cfg.rollout.samples_per_prompt
-        rows = torch.arange(min(cfg.log.rollouts_per_log, tokens.shape[0]))
-        owners = (rows // K).tolist()
+        slots = sorted(j for part in sampled.parts for j in part)  # the global slot of each row
+        rows = torch.arange(min(cfg.log.rollouts_per_log, len(slots)))
+        owners = [slots[r] // K for r in rows.tolist()]
         m_prompts = prompts.select(owners)
         ablated = ablated_view(cfg, [records[i] for i in owners], m_prompts, s.image_processor, step=step,
                                positions=owners).to(s.device)
         m_prompts = m_prompts.to(s.device)
-        m_tokens, m_mask = tokens[rows].to(s.device), mask[rows].to(s.device)
+        m_tokens, m_mask = sampled.tokens[rows].to(s.device), sampled.mask[rows].to(s.device)
 
         def logp(hidden, weight):  # fused: no [tokens x vocab] logits, even for diagnostics
             return fused_linear_logprobs(hidden.to(weight.dtype), weight, torch.where(m_mask, m_tokens, 0), s.vocab_size)[0]
 
-        t_clean, t_abl = teacher_hidden(s.teacher, m_prompts, ablated.pixel_values, m_tokens, m_mask)
-        t_weight = s.teacher.get_output_embeddings().weight
-        model = base_model(s.student)
-        was_training = s.student.training
-        s.student.eval()
+        teacher = s.strategy.teacher.model
+        t_clean, t_abl = teacher_hidden(teacher, m_prompts, ablated.pixel_values, m_tokens, m_mask)
+        t_weight = teacher.get_output_embeddings().weight
+        policy = s.strategy.sampling_model()
+        model = base_model(policy)
+        was_training = policy.training
+        policy.eval()
         s_clean = response_hidden(model, m_prompts, m_tokens, m_mask)
         s_abl = response_hidden(model, ablated, m_tokens, m_mask)
-        s.student.train(was_training)
+        policy.train(was_training)
         s_weight = model.get_output_embeddings().weight
         write_rollouts(self.path, step=step + 1, method=cfg.loss.method, tokenizer=s.tokenizer, tokens=m_tokens,
                        mask=m_mask, prompt_ids=owners, records=[records[i] for i in owners],

@@ -55,13 +55,14 @@ from vaopd.kernels import va_opd_loss
 from vaopd.metrics import add_sums, token_stats
 from vaopd.rollout import PromptBatch, encode_prompts
 from vaopd.scoring import ablated_view
-from vaopd.strategy import NonFiniteRollout, all_finite
+from vaopd.strategy import NonFiniteRollout, Sampled, all_finite
 
 __all__ = ["Timer", "RolloutHook", "train_step", "without_pad_columns"]
 
-# ``on_rollout(step, records, prompts, tokens, mask)``: called with the step's rollouts before the
-# optimizer step (the student is still the policy that sampled them); ``vaopd.rollout_log``.
-RolloutHook = Callable[[int, list, PromptBatch, torch.Tensor, torch.Tensor], None]
+# ``on_rollout(step, records, prompts, sampled)``: called with the step's records, prompts and this
+# process's rollouts before the optimizer step (the student is still the policy that sampled
+# them); ``vaopd.rollout_log``.
+RolloutHook = Callable[[int, list, PromptBatch, Sampled], None]
 
 
 class Timer:
@@ -193,7 +194,7 @@ def train_step(cfg: Config, s: Setup, optimizer, scheduler, step: int, timer: Ti
         sums = strategy.reduce_sums(sums)  # the step's totals: every rank takes the same decisions
         loss_total = sums.pop("loss")
         if on_rollout is not None:
-            on_rollout(step, records, prompts, tokens, mask)
+            on_rollout(step, records, prompts, sampled)
 
     with timer("optimizer"):
         params = [p for p in s.student.parameters() if p.requires_grad]

@@ -33,11 +33,12 @@ from torch import nn
 
 from vaopd.distributed import (DistEnv, HiddenAndHead, any_rank, clip_grad_norm, generate_slots, reduce_sums,
                                rollout_seed, slot_layout)
+from vaopd.kernels import fused_linear_logprobs
 from vaopd.models import base_model
 from vaopd.rollout import PromptBatch, RolloutBackend
 
 __all__ = ["Sampled", "NonFiniteRollout", "Strategy", "SingleProcess", "FSDP", "rollout_dtype", "inference_copy",
-           "copy_weights", "all_finite"]
+           "copy_weights", "all_finite", "finite_logits"]
 
 
 def rollout_dtype(bf16: bool) -> torch.dtype:
@@ -67,6 +68,26 @@ def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
     """True when no element of ``tensors`` is NaN or infinite (one host sync)."""
     flags = [torch.isfinite(t).all() for t in tensors]
     return bool(torch.stack(flags).all()) if flags else True
+
+
+@torch.no_grad()
+def finite_logits(model: nn.Module, prompts: PromptBatch) -> bool:
+    """Whether ``model``'s weights and its next-token logits after ``prompts`` are all finite.
+
+    The logits are checked through their log-sum-exp (``fused_linear_logprobs``; no
+    ``[rows x vocab]`` tensor is kept): it is finite exactly when every logit is.
+    """
+    if not all_finite(model.parameters()):
+        return False
+    body = base_model(model)
+    device = next(model.parameters()).device
+    batch = prompts.to(device)
+    hidden = body.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                        mm_token_type_ids=batch.mm_token_type_ids, pixel_values=batch.pixel_values,
+                        image_grid_thw=batch.image_grid_thw, use_cache=False).last_hidden_state[:, -1]
+    weight = body.get_output_embeddings().weight
+    _, lse = fused_linear_logprobs(hidden.to(weight.dtype), weight, torch.zeros(len(hidden), dtype=torch.long, device=device))
+    return all_finite([hidden, lse])
 
 
 class NonFiniteRollout(RuntimeError):
@@ -126,13 +147,13 @@ class Strategy:
         """
         raise NotImplementedError
 
-    def _generate(self, generate) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """``generate()``, or None when it raised because the rollout weights are non-finite
+    def _generate(self, generate, prompts: PromptBatch) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``generate()``, or None when it raised and the sampling model's numbers are non-finite
         (NaN or infinite logits make sampling's ``multinomial`` raise); other errors propagate."""
         try:
             return generate()
         except RuntimeError:
-            if all_finite(self.sampling_model().parameters()):
+            if finite_logits(self.sampling_model(), prompts):
                 raise
             return None
 
@@ -178,7 +199,7 @@ class SingleProcess(Strategy):
     def sample(self, rollout, prompts, *, k, micro_prompts, step, seed, length_buckets) -> Sampled:
         # One process draws from the run's RNG stream (restored on --resume): no per-step seed.
         self.refresh_rollout(rollout)
-        out = self._generate(lambda: rollout.generate(prompts, k))
+        out = self._generate(lambda: rollout.generate(prompts, k), prompts)
         release = getattr(rollout, "release", None)
         if release is not None:
             release()
@@ -232,7 +253,7 @@ class FSDP(Strategy):
         parts = [list(m[rank]) for m in slot_layout(len(prompts), k, micro_prompts, self.env.world_size)]
         self.refresh_rollout(rollout)
         torch.manual_seed(rollout_seed(seed, step, rank))
-        out = self._generate(lambda: generate_slots(rollout, prompts, [j for part in parts for j in part], k))
+        out = self._generate(lambda: generate_slots(rollout, prompts, [j for part in parts for j in part], k), prompts)
         release = getattr(rollout, "release", None)
         if release is not None:
             release()

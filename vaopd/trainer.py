@@ -195,7 +195,7 @@ class Trainer:
         ``train.max_bad_steps`` in a row), warn when the visual advantage vanished."""
         cfg = self.cfg
         every = cfg.log.rollouts_every
-        hook = self.rollout_log if every and self.step % every == 0 else None
+        hook = self.rollout_log if every and self.step % every == 0 and self.is_main else None
         record = train_step(cfg, self.setup, self.optimizer, self.scheduler, self.step, on_rollout=hook)
         self.step += 1
         self.bad_steps = self.bad_steps + 1 if record["skipped"] else 0
@@ -203,8 +203,9 @@ class Trainer:
         self.history.append(record)
         step = self.step
         if record["skipped"]:
-            self.say(f"step {step}: non-finite {record['non_finite']} (loss {record['loss']}, gradient norm "
-                     f"{record['grad_norm']}): update skipped")
+            phase = record["non_finite"]
+            values = f" ({record['loss']}, gradient norm {record['grad_norm']})" if phase in ("loss", "gradient") else ""
+            self.say(f"step {step}: non-finite {phase}{values}: update skipped")
             if self.bad_steps >= cfg.train.max_bad_steps:
                 good = latest_checkpoint(self.run_dir / "checkpoints")
                 raise TrainingAborted(
