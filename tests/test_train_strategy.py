@@ -143,3 +143,14 @@ def test_blown_up_weights_abort_from_the_command_line(tmp_path, capsys):
     assert code == 1, err[-2000:]
     assert "step 2: non-finite rollout: update skipped" in out
     assert "aborted: 2 non-finite steps in a row (steps 2..3)" in err and "step_00000001 (left intact)" in err
+
+
+def test_dry_run_counts_the_rollout_replica(tmp_path, capsys):
+    from vaopd.tiny import build_model, build_tokenizer
+
+    params = sum(p.numel() for p in build_model("student", build_tokenizer(), seed=0).parameters())
+    assert main(["--dry-run", "--set", f"train.run_dir={tmp_path / 'r'}", "--set", "train.device=cpu",
+                 "--set", "train.precision=fp32"]) == 0
+    assert f"rollout replica (fp32): {params * 4 / 1024 ** 3:.3f}" in capsys.readouterr().out
+    assert main(["--dry-run", "--set", f"train.run_dir={tmp_path / 'r'}", "--set", "model.lora.enabled=true"]) == 0
+    assert "rollout replica" not in capsys.readouterr().out
