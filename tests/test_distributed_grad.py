@@ -92,9 +92,12 @@ def worker(rank, world, port, out):
         torch.optim.SGD(student.parameters(), lr=1.0).step()
         full = {n: p.full_tensor() for n, p in student.named_parameters()}
         stale = max(float((replica.state_dict()[n] - v).abs().max()) for n, v in full.items())
-        FSDP(DistEnv(rank, world, rank, torch.device("cpu")), root, HiddenAndHead(teacher), replica).refresh_rollout(object())
+        strategy = FSDP(DistEnv(rank, world, rank, torch.device("cpu")), root, HiddenAndHead(teacher), replica)
+        strategy.refresh_rollout(object())  # an engine without weights of its own: the replica is refreshed
         synced = max(float((replica.state_dict()[n] - v).abs().max()) for n, v in full.items())
         results["replica"] = (stale, synced)
+        # The step's loss gathers split sibling groups over this group (not None: per rank only).
+        results["group"] = dist.group.WORLD is not None and strategy.process_group is dist.group.WORLD
         if rank == 0:
             torch.save(results, out)
     finally:
@@ -135,6 +138,7 @@ def test_two_fsdp_ranks_match_one_process_with_split_siblings(tmp_path):
     mp.spawn(worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
     results = torch.load(out, weights_only=False)
     stale, synced = results.pop("replica")
+    assert results.pop("group")
     assert stale > 1e-3 and synced == 0
     for variant in VARIANTS:
         loss, grads = single_process(*variant)

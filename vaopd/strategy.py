@@ -226,12 +226,11 @@ class FSDP(Strategy):
     with an engine that keeps its own weights.
     """
 
-    process_group = dist.group.WORLD
-
     def __init__(self, env: DistEnv, student: HiddenAndHead, teacher: nn.Module, replica: nn.Module | None):
         self.env, self.device = env, env.device
         self.student, self.teacher, self.replica = student, teacher, replica
         self.is_main = env.is_main
+        self.process_group = dist.group.WORLD  # set once the process group exists, as it does here
 
     @torch.no_grad()
     def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
