@@ -45,7 +45,9 @@ from vaopd.models import (attn_implementation, check_vocabularies, enable_gradie
                           eos_token_ids, use_bf16)
 from vaopd.optim import build_optimizer  # noqa: E402
 from vaopd.rollout import banned_token_ids, encode_prompts  # noqa: E402
+from vaopd.scoring import Scorer  # noqa: E402
 from vaopd.step import Timer, train_step  # noqa: E402
+from vaopd.strategy import SingleProcess  # noqa: E402
 from vaopd.tiny import build_image_processor  # noqa: E402
 
 PRESETS = {
@@ -124,8 +126,9 @@ def build(args, preset: dict, lengths: LengthModel):
     forced = ForcedLengths(student, lengths, eos, cfg.rollout.samples_per_prompt)
     rollout = build_rollout(cfg, forced, eos, tokenizer.pad_token_id, banned)
     records = synthetic_records(cfg.train.prompts_per_step * 8, preset["side"], seed=args.seed)
+    strategy = SingleProcess(student, teacher, None, device)  # samples from the student itself (ForcedLengths)
     s = Setup(student, teacher, tokenizer, image_processor, vocab, eos, banned, Dataset(records, source="synthetic"),
-              None, device, bf16, rollout)
+              None, device, bf16, rollout, strategy, Scorer(strategy.student, strategy.teacher))
     return cfg, s, forced, impl
 
 

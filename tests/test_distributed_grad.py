@@ -10,11 +10,12 @@ import torch.multiprocessing as mp
 
 from tests.trainer_utils import free_port
 from vaopd.data import tiny_records
-from vaopd.distributed import DistEnv, Parallel, generate_slots, replicate, shard_model, slot_layout
+from vaopd.distributed import DistEnv, HiddenAndHead, generate_slots, shard_model, slot_layout
 from vaopd.kernels import LossSpec, va_opd_loss
 from vaopd.rollout import PromptBatch, encode_prompts
 from vaopd.tiny import build_image_processor, build_model, build_tokenizer
 from vaopd.scoring import scoring_inputs, teacher_hidden
+from vaopd.strategy import FSDP, inference_copy
 
 P, K = 3, 2  # 6 responses on 2 ranks: slots 0-2 and 3-5, so prompt 1's siblings are split
 VARIANTS = [("va_opd", "full", "replica"), ("opd", "full", "replica"), ("va_opd", "sampled", "replica"),
@@ -69,7 +70,7 @@ def worker(rank, world, port, out):
         results = {}
         for method, estimator, teacher_mode in VARIANTS:
             student, teacher, prompts, ablated, tokens, mask, vocab = fixed_batch()
-            replica = replicate(student, torch.float32)
+            replica = inference_copy(student, torch.float32)
             root = shard_model(student, param_dtype=None, device=torch.device("cpu"))
             t_root = shard_model(teacher, param_dtype=None, device=torch.device("cpu")) if teacher_mode == "fsdp" else None
             (parts,) = slot_layout(P, K, P, world)
@@ -91,9 +92,12 @@ def worker(rank, world, port, out):
         torch.optim.SGD(student.parameters(), lr=1.0).step()
         full = {n: p.full_tensor() for n, p in student.named_parameters()}
         stale = max(float((replica.state_dict()[n] - v).abs().max()) for n, v in full.items())
-        Parallel(DistEnv(rank, world, rank, torch.device("cpu")), root, None, replica).sync_replica()
+        strategy = FSDP(DistEnv(rank, world, rank, torch.device("cpu")), root, HiddenAndHead(teacher), replica)
+        strategy.refresh_rollout(object())  # an engine without weights of its own: the replica is refreshed
         synced = max(float((replica.state_dict()[n] - v).abs().max()) for n, v in full.items())
         results["replica"] = (stale, synced)
+        # The step's loss gathers split sibling groups over this group (not None: per rank only).
+        results["group"] = dist.group.WORLD is not None and strategy.process_group is dist.group.WORLD
         if rank == 0:
             torch.save(results, out)
     finally:
@@ -134,6 +138,7 @@ def test_two_fsdp_ranks_match_one_process_with_split_siblings(tmp_path):
     mp.spawn(worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
     results = torch.load(out, weights_only=False)
     stale, synced = results.pop("replica")
+    assert results.pop("group")
     assert stale > 1e-3 and synced == 0
     for variant in VARIANTS:
         loss, grads = single_process(*variant)

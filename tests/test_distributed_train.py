@@ -19,6 +19,7 @@ import torch.distributed as dist
 from transformers import AutoModelForImageTextToText
 
 import vaopd.build as build_mod
+import vaopd.scoring as scoring_mod
 import vaopd.step as step_mod
 import vaopd.train as train_mod
 from tests.trainer_utils import free_port, max_diff, state, tiny_config
@@ -81,13 +82,24 @@ def exported(tmp_path, checkpoint, name):
 def test_resume_across_world_sizes_continues_identically(tmp_path, monkeypatch):
     monkeypatch.setattr(build_mod, "HFGenerate", ScriptedRollout)
     # Reference: one plain process, 4 steps, single-process checkpoints at 2 and 4.
-    ref = train_mod.train(tiny_config(tmp_path, *SETTINGS, "train.max_steps=4", "train.checkpoint_every=2", name="ref"))
+    ref = train_mod.train(tiny_config(tmp_path, *SETTINGS, "train.max_steps=4", "train.checkpoint_every=2",
+                                      "log.rollouts_every=1", name="ref"))
     ref_weights, ref_losses = state(ref.student), step_losses(ref.run_dir)
 
     # 2 ranks for steps 1-2 (sharded checkpoint), then one plain process for steps 3-4.
     two = tmp_path / "two_then_one"
-    done = torchrun(tmp_path, *sets(f"train.run_dir={two}", "train.max_steps=4", "train.stop_after=2"))
+    done = torchrun(tmp_path, *sets(f"train.run_dir={two}", "train.max_steps=4", "train.stop_after=2",
+                                    "log.rollouts_every=1"))
     assert done.returncode == 0, done.stderr[-3000:]
+    # Rank 0 logged its rows (slots 0-1: prompt 0's responses) with the numbers one process gets.
+    logged = [json.loads(line) for line in (two / "rollouts.jsonl").read_text().splitlines()]
+    ref_logged = [json.loads(line) for line in (ref.run_dir / "rollouts.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["row"], r["prompt"]) for r in logged] == [(1, 0, 0), (1, 1, 0), (2, 0, 0), (2, 1, 0)]
+    for r in logged:
+        (same,) = [x for x in ref_logged if (x["step"], x["row"]) == (r["step"], r["row"])]
+        assert r["tokens"] == same["tokens"] and r["high"] == same["high"]
+        for key in ("teacher_logp", "teacher_ablated_logp", "student_logp", "student_ablated_logp"):
+            assert max(abs(a - b) for a, b in zip(r[key], same[key])) < 1e-4, key
     ckpt = latest_checkpoint(two / "checkpoints")
     assert ckpt.name == "step_00000002" and is_sharded_checkpoint(ckpt)
     assert json.loads((ckpt / "meta.json").read_text())["world_size"] == 2
@@ -143,6 +155,17 @@ def test_sigterm_on_one_rank_stops_all_ranks_after_the_same_step_with_a_checkpoi
     assert sorted(step_losses(run)) == [1, 2]
 
 
+def test_non_finite_teacher_on_one_rank_skips_the_step_on_all_ranks(tmp_path):
+    run = tmp_path / "run"
+    # Rank 1's teacher gives NaN in step 2 (one micro-batch per step): both ranks skip step 2 and go on.
+    done = torchrun(tmp_path, "--nan-teacher", "1", "2", *sets(f"train.run_dir={run}", "train.max_steps=3"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["skipped"], r["non_finite"]) for r in lines] == [(1, False, None), (2, True, "teacher"),
+                                                                            (3, False, None)]
+    assert "step 2: non-finite teacher: update skipped" in done.stdout
+
+
 def test_process_group_is_gloo_on_cpu_with_the_configured_timeout(monkeypatch):
     seen = {}
     monkeypatch.setattr(dist, "is_initialized", lambda: False)
@@ -157,6 +180,20 @@ def test_process_group_is_gloo_on_cpu_with_the_configured_timeout(monkeypatch):
 def _script(argv: list[str]) -> int:
     """torchrun entry: ``vaopd.train.main`` with scripted rollouts and an optional injected fault."""
     build_mod.HFGenerate = ScriptedRollout
+    if "--nan-teacher" in argv:  # rank R's teacher states are NaN at its N-th micro-batch
+        at = argv.index("--nan-teacher")
+        fault_rank, fault_call = int(argv[at + 1]), int(argv[at + 2])
+        argv = argv[:at] + argv[at + 3:]
+        real_teacher, teacher_calls = scoring_mod.Scorer.teacher, []
+
+        def nan_teacher(self, *args):
+            clean, ablated, weight = real_teacher(self, *args)
+            teacher_calls.append(1)
+            if int(os.environ["RANK"]) == fault_rank and len(teacher_calls) == fault_call:
+                clean = clean * float("nan")
+            return clean, ablated, weight
+
+        scoring_mod.Scorer.teacher = nan_teacher
     if "--fault" in argv:
         at = argv.index("--fault")
         kind, fault_rank, fault_call = argv[at + 1], int(argv[at + 2]), int(argv[at + 3])

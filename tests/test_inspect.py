@@ -49,3 +49,22 @@ def test_visible_token_escapes_control_bytes():
 
 def test_inspect_without_runs_is_an_error(tmp_path):
     assert inspect_main([str(tmp_path)]) == 2
+
+
+def test_a_curve_panel_without_data_says_so(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    from vaopd.inspect import plot_curves
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0 / s, "kl": 0.5 / s}) + "\n"
+                                               for s in (1, 2, 3)))
+    written = []
+    real = matplotlib.axes.Axes.text
+    monkeypatch.setattr(matplotlib.axes.Axes, "text",
+                        lambda self, x, y, s, *a, **k: written.append((self.get_title(), s)) or real(self, x, y, s, *a, **k))
+    assert plot_curves([run], tmp_path / "curves.png").stat().st_size > 1000
+    said = {title.split("\n")[0]: text.split("\n")[0] for title, text in written}
+    assert said == {"validation accuracy": "no validation recorded", "teacher VA share of high group": "no rollouts recorded",
+                    "student visual reliance": "no rollouts recorded"}

@@ -17,7 +17,7 @@ from vaopd.kernels import LossSpec, va_opd_loss
 from vaopd.rollout import HFGenerate, banned_token_ids, encode_prompts, response_mask
 from vaopd.tiny import build_image_processor, build_model, build_tokenizer
 from vaopd.models import VocabularyError
-from vaopd.scoring import scoring_inputs, teacher_hidden
+from vaopd.scoring import response_hidden, teacher_hidden
 from vaopd.train import TrainingAborted, main, train
 
 
@@ -49,10 +49,9 @@ def test_both_methods_end_to_end(tmp_path, method):
 
 def fixed_batch_kl(student, teacher, tokens, mask, prompts) -> float:
     """Mean full-vocabulary KL(student || teacher) over the valid tokens of fixed responses."""
-    lp = prompts.input_ids.shape[1]
     with torch.no_grad():
         t_hidden, _ = teacher_hidden(teacher, prompts, None, tokens, mask)
-        s_hidden = student.model(**scoring_inputs(prompts, tokens, mask)).last_hidden_state[:, lp - 1:]
+        s_hidden = response_hidden(student, prompts, tokens, mask)
         _, stats = va_opd_loss(s_hidden, student.lm_head.weight, t_hidden, None, teacher.lm_head.weight, tokens, mask,
                                torch.arange(tokens.shape[0]), spec=LossSpec(method="opd"), vocab_size=len(build_tokenizer()))
     return float(stats["kl"][mask].mean())

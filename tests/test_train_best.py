@@ -7,6 +7,7 @@ import pytest
 from safetensors.torch import load_file
 
 import vaopd.train as train_mod
+import vaopd.trainer as trainer_mod
 from tests.trainer_utils import tiny_config
 from vaopd.export import main as export_main
 from vaopd.eval import main as eval_main
@@ -20,7 +21,7 @@ def _forced_accuracies(monkeypatch, accuracies):
     def fake_evaluate(model, tokenizer, image_processor, records, **kwargs):
         return {"accuracy": queue.pop(0), "samples": len(records) * kwargs["samples"], "questions": len(records)}
 
-    monkeypatch.setattr(train_mod, "evaluate", fake_evaluate)
+    monkeypatch.setattr(trainer_mod, "evaluate", fake_evaluate)
     return queue
 
 

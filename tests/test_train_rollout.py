@@ -4,7 +4,7 @@ import torch
 from vaopd.data import tiny_records
 from vaopd.rollout import HFGenerate, banned_token_ids, encode_prompts, response_mask
 from vaopd.tiny import build_image_processor, build_model, build_tokenizer
-from vaopd.scoring import scoring_inputs
+from vaopd.scoring import response_hidden
 
 EOS = 7
 
@@ -90,7 +90,7 @@ def test_teacher_forced_scoring_matches_generation_log_probs():
         tokens = out.sequences[:, lp:]
         mask = response_mask(tokens, eos)
         gen_logp = torch.log_softmax(torch.stack(out.scores, 1), -1).gather(-1, tokens[..., None])[..., 0]
-        hidden = model.model(**scoring_inputs(prompts, tokens, mask)).last_hidden_state[:, lp - 1:]
+        hidden = response_hidden(model, prompts, tokens, mask)
         logits = hidden @ model.lm_head.weight.T
         logits[..., banned] = -torch.inf
         score_logp = torch.log_softmax(logits, -1).gather(-1, tokens[..., None])[..., 0]

@@ -1,5 +1,5 @@
-"""Assembling a run: models (student trainable, teacher frozen), data, the rollout engine, and,
-under torchrun, the FSDP2 sharding (``Setup``)."""
+"""Assembling a run: models (student trainable, teacher frozen), data, the execution strategy
+(one process, or FSDP2 under torchrun: ``vaopd.strategy``) and the rollout engine (``Setup``)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -11,14 +11,16 @@ import torch.distributed as dist
 from vaopd import torchvision_ops  # noqa: F401  first: transformers may import torchvision (see there)
 from vaopd.config import Config, ConfigError
 from vaopd.data import Dataset, load_dataset
-from vaopd.distributed import DistEnv, Parallel, launched_by_torchrun, replicate, shard_model
+from vaopd.distributed import DistEnv, HiddenAndHead, launched_by_torchrun, shard_model
 from vaopd.models import (base_model, check_vocabularies, enable_gradient_checkpointing, eos_token_ids, load_pretrained,
                           use_bf16)
 from vaopd.rollout import HFGenerate, RolloutBackend, banned_token_ids
 from vaopd.runs import run_dir_of
+from vaopd.scoring import Scorer
+from vaopd.strategy import FSDP, SingleProcess, Strategy, inference_copy, rollout_dtype
 from vaopd.tiny import is_tiny
 
-__all__ = ["Setup", "build_rollout", "build_vllm_rollout", "build_setup", "parallelize"]
+__all__ = ["Setup", "build_rollout", "build_vllm_rollout", "build_setup"]
 
 
 @dataclass
@@ -35,11 +37,12 @@ class Setup:
     device: torch.device
     bf16: bool
     rollout: RolloutBackend  # any engine implementing the interface (HFGenerate by default)
-    parallel: Parallel | None = None  # set under torchrun (see parallelize)
+    strategy: Strategy  # one process or FSDP2 under torchrun (vaopd.strategy)
+    scorer: Scorer  # teacher and student hidden states of a micro-batch (vaopd.scoring)
 
 
 def build_rollout(cfg: Config, model, eos_ids: list[int], pad_id: int, banned_ids: list[int]) -> RolloutBackend:
-    """The ``hf`` engine: transformers ``generate`` on ``model`` itself."""
+    """The ``hf`` engine: transformers ``generate`` on ``model`` (the strategy's sampling model)."""
     r = cfg.rollout
     return HFGenerate(model, eos_ids=eos_ids, pad_id=pad_id, banned_ids=banned_ids, temperature=r.temperature, top_p=r.top_p,
                       top_k=r.top_k, max_new_tokens=r.max_new_tokens, batch_prompts=r.batch_prompts)
@@ -81,8 +84,16 @@ def build_vllm_rollout(cfg: Config, student, tokenizer, image_processor, source:
         image_size={"shortest_edge": cfg.data.min_pixels, "longest_edge": cfg.data.max_pixels})
 
 
-def build_setup(cfg: Config, device: torch.device, student_source: str | None = None) -> Setup:
-    """Models (student trainable, teacher frozen), data, vocabulary checks, banned ids."""
+def build_setup(cfg: Config, device: torch.device, student_source: str | None = None,
+                env: DistEnv | None = None) -> Setup:
+    """Models (student trainable, teacher frozen), data, vocabulary checks, banned ids, the
+    execution strategy and the rollout engine.
+
+    ``env`` (under torchrun): the student (and, with ``distributed.teacher: fsdp``, the teacher) is
+    sharded with FSDP2 over the ranks (``FSDP`` strategy); otherwise the ``SingleProcess`` one.
+    """
+    if env is not None:
+        _check_distributed(cfg, env)
     train_data = load_dataset(cfg, cfg.data.train, split_seed=0)
     val_data = load_dataset(cfg, cfg.data.val, split_seed=1) if cfg.data.val else None
     bf16 = use_bf16(cfg, device)
@@ -109,27 +120,34 @@ def build_setup(cfg: Config, device: torch.device, student_source: str | None = 
     student.train()
     eos = eos_token_ids(student, tokenizer)
     banned = banned_token_ids(tokenizer, s_rows, eos)
-    if cfg.rollout.engine == "vllm":
-        rollout = build_vllm_rollout(cfg, student, tokenizer, image_processor, source, device, bf16, eos, banned)
+    # vLLM is built before sharding: a tiny student's folder is saved from the full model.
+    vllm = (build_vllm_rollout(cfg, student, tokenizer, image_processor, source, device, bf16, eos, banned)
+            if cfg.rollout.engine == "vllm" else None)
+    # The hf engine samples from an inference copy refreshed in place before every rollout
+    # (vaopd.strategy); vLLM keeps its own weights, and LoRA on one process samples from the student.
+    replica = (inference_copy(student, rollout_dtype(bf16))
+               if cfg.rollout.engine == "hf" and (env is not None or not cfg.model.lora.enabled) else None)
+    if env is None:
+        strategy = SingleProcess(student, teacher, replica, device)
     else:
-        rollout = build_rollout(cfg, student, eos, tokenizer.pad_token_id, banned)
-    return Setup(student, teacher, tokenizer, image_processor, vocab, eos, banned, train_data, val_data, device, bf16, rollout)
+        sharded = shard_model(student, param_dtype=torch.bfloat16 if bf16 else None, device=device)
+        t_root = shard_model(teacher, param_dtype=None, device=device) if cfg.distributed.teacher == "fsdp" else None
+        strategy = FSDP(env, sharded, t_root if t_root is not None else HiddenAndHead(teacher), replica)
+    rollout = vllm if vllm is not None else build_rollout(cfg, strategy.sampling_model(), eos, tokenizer.pad_token_id,
+                                                          banned)
+    return Setup(student, teacher, tokenizer, image_processor, vocab, eos, banned, train_data, val_data, device, bf16,
+                 rollout, strategy, Scorer(strategy.student, strategy.teacher))
 
 
-def parallelize(cfg: Config, s: Setup, env: DistEnv) -> None:
-    """Shard the setup's student (and, with ``distributed.teacher: fsdp``, its teacher) over the
-    ranks with FSDP2, and sample from an unsharded replica of the student (``vaopd.distributed``)."""
+def _check_distributed(cfg: Config, env: DistEnv) -> None:
+    """What torchrun does not support, refused before anything is loaded."""
     K, mb = cfg.rollout.samples_per_prompt, cfg.train.micro_batch_prompts or cfg.train.prompts_per_step
     if mb * K < env.world_size:
         raise ConfigError(f"train.micro_batch_prompts: a micro-batch of {mb} prompts x {K} responses has fewer responses "
                           f"than the {env.world_size} ranks; every rank needs one")
     if cfg.model.lora.enabled:
         raise ConfigError("model.lora.enabled: LoRA is not supported under torchrun; train it on one process")
-    if cfg.log.rollouts_every:
-        raise ConfigError("log.rollouts_every: rollout logging is not supported under torchrun; set it to 0")
-    replica = replicate(s.student, torch.bfloat16 if s.bf16 else torch.float32)
-    student = shard_model(s.student, param_dtype=torch.bfloat16 if s.bf16 else None, device=s.device)
-    teacher = shard_model(s.teacher, param_dtype=None, device=s.device) if cfg.distributed.teacher == "fsdp" else None
-    if cfg.rollout.engine == "hf":  # a vLLM engine keeps its own weights, loaded from the sharded student
-        s.rollout = build_rollout(cfg, replica, s.eos_ids, s.tokenizer.pad_token_id, s.banned_ids)
-    s.parallel = Parallel(env, student, teacher, replica)
+    if cfg.log.rollouts_every and (cfg.distributed.teacher != "replica" or cfg.rollout.engine != "hf"):
+        # Rank 0 logs alone (vaopd.rollout_log): it needs the full teacher and the sampling replica.
+        raise ConfigError("log.rollouts_every: under torchrun the rollout log needs distributed.teacher: replica and "
+                          "rollout.engine: hf; set it to 0")

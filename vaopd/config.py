@@ -21,6 +21,8 @@ from typing import Any, ClassVar, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from vaopd.kernels.spec import LossSpec
+
 __all__ = [
     "ConfigError", "ModelConfig", "LoraConfig", "DataConfig", "VLLMConfig", "RolloutConfig", "LossConfig",
     "OptimConfig", "TrainConfig", "SubsetConfig", "EvalConfig", "LogConfig", "DistributedConfig", "Config",
@@ -160,6 +162,11 @@ class LossConfig(Section):
     noise_std: float = setting(64.0, ge=0)  # in 0..255 pixel units
     patch_size: int = setting(16, gt=0)
     patch_fraction: float = setting(0.5, gt=0, le=1)
+
+    def spec(self) -> LossSpec:
+        """The objective's settings as the fused loss and the reference take them."""
+        return LossSpec(method=self.method, kl_estimator=self.kl_estimator, weight_temperature=self.weight_temperature,
+                        high_fraction=self.high_fraction, high_weight=self.high_weight)
 
 
 class OptimConfig(Section):

@@ -20,12 +20,10 @@ same global batch.
 """
 from __future__ import annotations
 
-import copy
 import datetime
 import math
 import os
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -35,8 +33,10 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-__all__ = ["DistEnv", "Parallel", "launched_by_torchrun", "init_distributed", "shutdown", "HiddenAndHead", "shard_model",
-           "slot_layout", "generate_slots", "rollout_seed", "reduce_sums", "any_rank", "clip_grad_norm", "load_full_optimizer_state", "replicate"]
+from vaopd.metrics import PEAK_SUMS
+
+__all__ = ["DistEnv", "launched_by_torchrun", "init_distributed", "shutdown", "HiddenAndHead", "shard_model",
+           "slot_layout", "generate_slots", "rollout_seed", "reduce_sums", "any_rank", "clip_grad_norm", "load_full_optimizer_state"]
 
 
 @dataclass(frozen=True)
@@ -123,45 +123,6 @@ def shard_model(model: nn.Module, *, param_dtype: torch.dtype | None, device: to
     return root
 
 
-@dataclass
-class Parallel:
-    """What a distributed run adds to the trainer's setup.
-
-    ``student``: the FSDP2 root over the trainable student. ``teacher``: the FSDP2 root over the
-    teacher, or None when every rank holds a full replica (the setup's plain teacher).
-    ``replica``: an unsharded copy of the student for sampling and validation; ``generate`` runs a
-    data-dependent number of forward passes, which would desynchronise FSDP's per-forward
-    all-gathers across ranks, so it samples from this copy instead (refreshed by ``sync_replica``).
-    """
-
-    env: DistEnv
-    student: HiddenAndHead
-    teacher: HiddenAndHead | None
-    replica: nn.Module
-
-    @torch.no_grad()
-    def full_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """The sharded student's ``(state-dict name, full tensor)`` pairs, gathered one tensor at a
-        time, so the transient memory is the largest tensor in fp32 (the embedding), not a second
-        full fp32 copy of the model. Collective: every rank must consume all of them, in order."""
-        for name, value in self.student.model.state_dict().items():
-            yield name, value.full_tensor() if isinstance(value, DTensor) else value
-
-    @torch.no_grad()
-    def sync_replica(self) -> None:
-        """Copy the sharded student's current weights into ``replica`` (collective: all ranks)."""
-        target = self.replica.state_dict()
-        for name, value in self.full_weights():
-            target[name].copy_(value)
-
-
-def replicate(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """A frozen, unsharded copy of ``model`` in ``dtype`` (take it before sharding ``model``)."""
-    replica = copy.deepcopy(model).to(dtype)
-    replica.requires_grad_(False)
-    return replica
-
-
 def slot_layout(prompts: int, k: int, micro_prompts: int, world: int) -> list[list[range]]:
     """``layout[m][r]``: the global slots (``prompt * k + sample``) of micro-batch ``m`` on rank ``r``.
 
@@ -212,13 +173,13 @@ def rollout_seed(seed: int, step: int, rank: int) -> int:
 
 
 def reduce_sums(sums: dict[str, float], device: torch.device) -> dict[str, float]:
-    """Every rank's metric sums added up (``va_max``: the maximum), identical on all ranks."""
+    """Every rank's metric sums added up (those in ``PEAK_SUMS``: the maximum), identical on all ranks."""
     keys = sorted(sums)
     values = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=device)
     peak = values.clone()
     dist.all_reduce(values, op=dist.ReduceOp.SUM)
     dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-    return {k: float(peak[i] if k == "va_max" else values[i]) for i, k in enumerate(keys)}
+    return {k: float(peak[i] if k in PEAK_SUMS else values[i]) for i, k in enumerate(keys)}
 
 
 def any_rank(flag: bool, device: torch.device) -> bool:

@@ -12,7 +12,7 @@ them (such as ``python -m vaopd.toy.compare``'s output), and writes into ``--out
   student's visual reliance against the step, OPD and VA-OPD runs in two colours.
 
 The trainer records the rollouts when ``log.rollouts_every`` is set (``rollouts.jsonl``, written
-by ``write_rollouts`` below); the curves come from ``metrics.jsonl``.
+by ``vaopd.rollout_log``); the curves come from ``metrics.jsonl``.
 """
 from __future__ import annotations
 
@@ -23,47 +23,17 @@ import math
 import sys
 from pathlib import Path
 
-import torch
 import yaml
 
-__all__ = ["write_rollouts", "read_jsonl", "find_runs", "visible_token", "render_page", "plot_curves", "main"]
+__all__ = ["read_jsonl", "find_runs", "visible_token", "render_page", "plot_curves", "main"]
 
 _METHOD_COLORS = {"opd": "tab:blue", "va_opd": "tab:red"}
-
-
-def write_rollouts(path: Path, *, step: int, method: str, tokenizer, tokens: torch.Tensor, mask: torch.Tensor,
-                   prompt_ids: list[int], records, high_fraction: float, teacher_logp: torch.Tensor,
-                   teacher_ablated_logp: torch.Tensor, student_logp: torch.Tensor,
-                   student_ablated_logp: torch.Tensor) -> None:
-    """Append one JSON line per rollout (its valid tokens only) to ``path``.
-
-    The high group is the one the loss uses (``ceil(high_fraction * L)`` largest teacher VA).
-    """
-    from vaopd.eval import grade
-    from vaopd.objective import high_group
-
-    mask = mask.bool()
-    va = (teacher_logp - teacher_ablated_logp).clamp_min(0)
-    high = high_group(va, mask, high_fraction)
-    with open(path, "a", encoding="utf-8") as f:
-        for row in range(tokens.shape[0]):
-            keep = mask[row]
-            ids = tokens[row][keep].tolist()
-            text = tokenizer.decode(ids, skip_special_tokens=True)
-
-            def values(x: torch.Tensor) -> list[float]:
-                return [round(float(v), 5) for v in x[row][keep]]
-
-            f.write(json.dumps({
-                "step": step, "method": method, "row": row, "prompt": prompt_ids[row], "id": records[row].id,
-                "question": records[row].question, "answer": records[row].answer, "text": text,
-                "correct": grade(text, records[row].answer),
-                "tokens": [tokenizer.decode([i]) for i in ids],
-                "teacher_logp": values(teacher_logp), "teacher_ablated_logp": values(teacher_ablated_logp),
-                "teacher_va": values(va), "high": high[row][keep].tolist(),
-                "student_logp": values(student_logp), "student_ablated_logp": values(student_ablated_logp),
-                "student_va": values(student_logp - student_ablated_logp),
-            }) + "\n")
+# What a curve panel says when no run has its data, and which setting records it.
+_EMPTY_PANEL = {
+    "val_accuracy": "no validation recorded\n(set data.val and eval.every)",
+    "va_share": "no rollouts recorded\n(set log.rollouts_every)",
+    "student_va": "no rollouts recorded\n(set log.rollouts_every)",
+}
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -208,7 +178,7 @@ def plot_curves(runs: list[Path], path: Path) -> Path | None:
               ("va_share", "teacher VA share of high group\n(logged rollouts)"),
               ("student_va", "student visual reliance\n(mean clean - ablated log p)")]
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4))
-    drawn = False
+    filled: set[str] = set()  # panels with at least one point
     labelled = set()
     for run in runs:
         method = run_method(run)
@@ -230,13 +200,19 @@ def plot_curves(runs: list[Path], path: Path) -> Path | None:
                     ax.plot(xs, ys, color=color, alpha=0.15, lw=0.6)
                     xs, ys = _moving_average(xs, ys, max(2, len(xs) // 25))
                 ax.plot(xs, ys, color=color, alpha=0.8, marker="o" if len(xs) < 30 else None, ms=3, label=label)
-                drawn = True
+                filled.add(key)
             ax.set_title(title, fontsize=9)
             ax.set_xlabel("step", fontsize=8)
             ax.tick_params(labelsize=7)
-    if not drawn:
+    if not filled:
         plt.close(fig)
         return None
+    for ax, (key, _) in zip(axes, panels):
+        if key not in filled:  # say so rather than draw empty axes
+            ax.text(0.5, 0.5, _EMPTY_PANEL.get(key, "no data"), ha="center", va="center", fontsize=8, color="dimgray",
+                    transform=ax.transAxes)
+            ax.set_xticks([])
+            ax.set_yticks([])
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,7 @@ import torch
 from vaopd.atomic_io import RunWriteError, atomic_write_text
 from vaopd.objective import high_group
 
-__all__ = ["MetricsLogger", "JsonlError", "check_jsonl", "truncate_jsonl", "token_stats"]
+__all__ = ["MetricsLogger", "JsonlError", "check_jsonl", "truncate_jsonl", "token_stats", "PEAK_SUMS", "add_sums"]
 
 
 class JsonlError(ValueError):
@@ -83,6 +83,16 @@ def token_stats(stats: dict[str, torch.Tensor], mask: torch.Tensor, high_fractio
         "va_max": float(va[mask].max()) if mask.any() else 0.0,
         "responses": float(mask.shape[0]),
     }
+
+
+# Sums of ``token_stats`` that are maxima, not sums: micro-batches and ranks combine them by max.
+PEAK_SUMS = frozenset({"va_max"})
+
+
+def add_sums(total: dict[str, float], part: dict[str, float]) -> None:
+    """Add ``part``'s sums into ``total`` in place (the ``PEAK_SUMS`` by maximum)."""
+    for k, v in part.items():
+        total[k] = max(total.get(k, 0.0), v) if k in PEAK_SUMS else total.get(k, 0.0) + v
 
 
 class MetricsLogger:

@@ -72,6 +72,10 @@ def build_plan(cfg: Config) -> str:
         "student weights+grads+AdamW (fp32)": (s_total * 4 + s_train * 12) / gib,
         f"teacher weights ({'bf16' if bf16 else 'fp32'})": t_total * act_bytes / gib,
         **({"rollout KV cache": kv / gib} if cfg.rollout.engine == "hf" else {"vLLM weight copy": s_total * act_bytes / gib}),
+        # The hf engine samples from an inference copy in the rollout dtype (vaopd.strategy);
+        # with LoRA on one process it samples from the student itself.
+        **({f"rollout replica ({'bf16' if bf16 else 'fp32'})": s_total * act_bytes / gib}
+           if cfg.rollout.engine == "hf" and not cfg.model.lora.enabled else {}),
         "micro-batch final hidden states": hidden / gib,
     }
     lines = [
@@ -88,7 +92,9 @@ def build_plan(cfg: Config) -> str:
         f"{P // mb} micro-batch(es) of {mb} prompts; {steps * P / len(train_data):.2f} epochs)",
         f"  method: {cfg.loss.method} (kl {cfg.loss.kl_estimator}, ablation {cfg.loss.ablation if cfg.loss.method == 'va_opd' else 'none'})",
         f"  sequence: prompt ~{prompt_len} tokens + up to {cfg.rollout.max_new_tokens} new",
-        "  rollout: " + ("transformers generate (the KV cache below)" if cfg.rollout.engine == "hf" else
+        "  rollout: " + (("transformers generate on the student itself (LoRA; the KV cache below)" if cfg.model.lora.enabled
+                          else "transformers generate on an inference copy of the student (its weights and KV cache below)")
+                         if cfg.rollout.engine == "hf" else
                          f"in-process vLLM (its weight copy below; its KV cache, not below: what is left of "
                          f"{cfg.rollout.vllm.gpu_memory_utilization:g} of the GPU, or {cfg.rollout.vllm.kv_cache_gib:g} GiB "
                          "on a CPU)"),

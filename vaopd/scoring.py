@@ -1,4 +1,4 @@
-"""Teacher-forced scoring of sampled responses: inputs and the teacher's final hidden states.
+"""Teacher-forced scoring of sampled responses: inputs, hidden states, the ablated view, the scorer.
 
 The trainer, the rollout log, the toy SFT and the analyses all score ``[rows, T]`` responses the
 same way: the prompt followed by ``tokens[:, :-1]``, with hidden states aligned to ``tokens``.
@@ -7,17 +7,25 @@ from __future__ import annotations
 
 import torch
 
-from vaopd.distributed import HiddenAndHead
-from vaopd.rollout import PromptBatch
+from typing import TYPE_CHECKING
 
-__all__ = ["scoring_inputs", "teacher_hidden"]
+from vaopd.ablate import ablate
+from vaopd.distributed import HiddenAndHead
+from vaopd.rollout import PromptBatch, prompt_pixels
+
+if TYPE_CHECKING:
+    from vaopd.config import Config
+
+__all__ = ["scoring_inputs", "response_states", "response_hidden", "teacher_hidden", "ablation_seed", "ablated_view",
+           "Scorer"]
 
 
 def scoring_inputs(prompts: PromptBatch, tokens: torch.Tensor, mask: torch.Tensor) -> dict:
     """Teacher-forcing inputs for ``[rows, T]`` responses: the prompt plus ``tokens[:, :-1]``.
 
     The final hidden state at prompt position ``Lp - 1 + t`` predicts response token ``t``, so
-    ``hidden[:, Lp - 1:]`` is ``[rows, T, D]`` aligned with ``tokens`` as the loss expects.
+    ``response_states`` (``hidden[:, Lp - 1:]``) is ``[rows, T, D]`` aligned with ``tokens`` as
+    the loss expects.
     """
     prefix = tokens[:, :-1]
     return dict(
@@ -29,23 +37,79 @@ def scoring_inputs(prompts: PromptBatch, tokens: torch.Tensor, mask: torch.Tenso
     )
 
 
+def response_states(hidden: torch.Tensor, prompts: PromptBatch) -> torch.Tensor:
+    """``[rows, Lp + T - 1, D]`` final hidden states of ``scoring_inputs`` -> ``[rows, T, D]``, the
+    positions that predict the response tokens (``Lp``: the prompts' padded length)."""
+    return hidden[:, prompts.input_ids.shape[1] - 1:]
+
+
+def response_hidden(model, prompts: PromptBatch, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Final hidden states ``[rows, T, D]`` of a transformers VLM's body on the responses (no LM head)."""
+    return response_states(model.model(**scoring_inputs(prompts, tokens, mask)).last_hidden_state, prompts)
+
+
 def teacher_hidden(teacher, prompts: PromptBatch, ablated_pixels: torch.Tensor | None, tokens, mask):
     """Teacher final hidden states ``[rows, T, Dt]`` for the clean and ablated views (or None).
 
-    Both views run as one doubled batch through ``teacher.model`` (no LM head, no logits).
-    ``teacher`` may also be an FSDP ``HiddenAndHead`` root over the teacher (its forward gives the
-    same hidden states).
+    Both views run as one doubled batch through the teacher's body (no LM head, no logits).
+    ``teacher`` is a transformers VLM or a ``HiddenAndHead`` root over one (FSDP-sharded or not;
+    its forward gives the same hidden states).
     """
-    lp = prompts.input_ids.shape[1]
     inputs = scoring_inputs(prompts, tokens, mask)
     if ablated_pixels is not None:
         inputs = {k: (torch.cat([v, v]) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
         inputs["pixel_values"] = torch.cat([prompts.pixel_values, ablated_pixels])
     with torch.no_grad():
         if isinstance(teacher, HiddenAndHead):
-            hidden = teacher(**inputs)[0][:, lp - 1:]
+            hidden = teacher(**inputs)[0]
         else:
-            hidden = teacher.model(**inputs).last_hidden_state[:, lp - 1:]
+            hidden = teacher.model(**inputs).last_hidden_state
+    hidden = response_states(hidden, prompts)
     if ablated_pixels is None:
         return hidden, None
     return hidden.chunk(2)
+
+
+def ablation_seed(seed: int, step: int, prompts_per_step: int, prompt: int) -> int:
+    """Seed of the random ablations (noise, patch mask) of prompt ``prompt`` (0-based within the
+    step) at step ``step``: fixed by the run's seed and the prompt's place in the run, so a resumed
+    run and the rollout log see the very image the loss used."""
+    return seed * 1_000_003 + step * prompts_per_step + prompt
+
+
+def ablated_view(cfg: Config, records, prompts: PromptBatch, image_processor, *, step: int,
+                 positions: list[int]) -> PromptBatch:
+    """``prompts`` with the ablated images (``cfg.loss.ablation``) of ``records`` instead of the clean ones.
+
+    ``positions[i]``: the step-relative prompt index of row ``i`` (its ablation seed); the
+    patch grid is checked to stay that of ``prompts``.
+    """
+    loss = cfg.loss
+    images = [ablate(r.image, loss.ablation, seed=ablation_seed(cfg.train.seed, step, cfg.train.prompts_per_step, i),
+                     pixelate_factor=loss.pixelate_factor, blur_radius=loss.blur_radius, noise_std=loss.noise_std,
+                     patch_size=loss.patch_size, patch_fraction=loss.patch_fraction) for r, i in zip(records, positions)]
+    return prompts.with_pixels(prompt_pixels(images, image_processor, prompts.image_grid_thw))
+
+
+class Scorer:
+    """Scores a micro-batch's responses with the teacher (both views) and the student.
+
+    ``student`` / ``teacher``: ``HiddenAndHead``-style modules (a strategy's, ``vaopd.strategy``)
+    whose forward on ``scoring_inputs`` returns ``(final hidden, LM-head weight)``.
+    """
+
+    def __init__(self, student: torch.nn.Module, teacher: torch.nn.Module):
+        self.student_model, self.teacher_model = student, teacher
+
+    def teacher(self, prompts: PromptBatch, ablated_pixels: torch.Tensor | None, tokens, mask):
+        """``(clean [rows, T, Dt], ablated [rows, T, Dt] or None, LM-head weight [V, Dt])``, no grad."""
+        with torch.no_grad():
+            clean, ablated = teacher_hidden(self.teacher_model, prompts, ablated_pixels, tokens, mask)
+            # A sharded teacher's root stays gathered after its forward: this is the full weight.
+            weight = self.teacher_model.model.get_output_embeddings().weight
+        return clean, ablated, weight
+
+    def student(self, prompts: PromptBatch, tokens, mask) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(hidden [rows, T, Ds], LM-head weight [V, Ds])`` with gradients."""
+        hidden, weight = self.student_model(**scoring_inputs(prompts, tokens, mask))
+        return response_states(hidden, prompts), weight

@@ -130,7 +130,7 @@ class RolloutBackend(Protocol):
 
     An engine that keeps its own copy of the weights also has ``load_weights(named_tensors)``
     (the student's ``(state-dict name, tensor)`` pairs, called before every rollout) and may have
-    ``release()`` (free memory once the rollout is done); ``vaopd.step.refresh_rollout`` calls them.
+    ``release()`` (free memory once the rollout is done); ``vaopd.strategy`` calls them.
     """
 
     def generate(self, prompts: PromptBatch, k: int) -> tuple[torch.Tensor, torch.Tensor]:

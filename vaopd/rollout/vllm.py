@@ -3,7 +3,7 @@
 Colocated and in-process: each process (each rank under torchrun) holds one engine built from the
 student's model folder, and its weights follow the student's in memory, without a disk round trip:
 before every rollout the trainer hands the student's current tensors to ``load_weights`` (under
-FSDP2 gathered one tensor at a time, ``vaopd.distributed.Parallel.full_weights``).
+FSDP2 gathered one tensor at a time, ``vaopd.strategy.FSDP.weights``).
 
 Prompts are the trainer's own chat-template token ids (``encode_prompts``) with the single image
 placeholder the template writes, and the PIL image as ``multi_modal_data``; vLLM expands the

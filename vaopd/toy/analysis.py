@@ -23,7 +23,7 @@ from vaopd.kernels import fused_linear_logprobs
 from vaopd.objective import high_group
 from vaopd.rollout import HFGenerate, banned_token_ids, encode_prompts, prompt_pixels
 from vaopd.models import eos_token_ids
-from vaopd.scoring import scoring_inputs
+from vaopd.scoring import response_hidden
 
 __all__ = ["accuracy_by_kind", "token_logps", "visual_profile"]
 
@@ -49,12 +49,11 @@ def accuracy_by_kind(model, tokenizer, image_processor, records, kinds: dict[str
 @torch.no_grad()
 def token_logps(model, prompts, ablated_pixels, tokens, mask, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``[B, T]`` log-probs of ``tokens`` with the prompts' clean images and with ``ablated_pixels``."""
-    lp = prompts.input_ids.shape[1]
     weight = model.get_output_embeddings().weight
     safe_tokens = torch.where(mask.bool(), tokens, 0)
     out = []
     for batch in (prompts, prompts.with_pixels(ablated_pixels)):
-        hidden = model.model(**scoring_inputs(batch, tokens, mask)).last_hidden_state[:, lp - 1:]
+        hidden = response_hidden(model, batch, tokens, mask)
         out.append(fused_linear_logprobs(hidden.to(weight.dtype), weight, safe_tokens, vocab_size)[0])
     return out[0], out[1]
 

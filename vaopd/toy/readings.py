@@ -29,7 +29,7 @@ import torch
 
 from vaopd.ablate import ablate
 from vaopd.rollout import encode_prompts, prompt_pixels
-from vaopd.scoring import scoring_inputs
+from vaopd.scoring import response_hidden
 from vaopd.toy.digits import reading_positions
 from vaopd.toy.sft import response_tokens
 
@@ -53,8 +53,7 @@ def sample_top_p(logp: torch.Tensor, temperature: float, top_p: float, samples: 
 
 def _reading_logps(model, prompts, tokens, mask, rows, positions, vocab: int) -> torch.Tensor:
     """``[N, vocab]`` float64 next-token log-probs at ``(rows[i], positions[i])`` of the responses."""
-    lp = prompts.input_ids.shape[1]
-    hidden = model.model(**scoring_inputs(prompts, tokens, mask)).last_hidden_state[:, lp - 1:]
+    hidden = response_hidden(model, prompts, tokens, mask)
     weight = model.get_output_embeddings().weight[:vocab]
     logits = hidden[rows, positions].to(weight.dtype) @ weight.T
     return torch.log_softmax(logits.double(), -1)

@@ -24,7 +24,7 @@ from vaopd.data import Record, load_records
 from vaopd.kernels import fused_linear_logprobs
 from vaopd.rollout import encode_prompts
 from vaopd.tiny import build_image_processor, build_model, build_tokenizer
-from vaopd.scoring import scoring_inputs
+from vaopd.scoring import response_hidden
 
 __all__ = ["load_split", "response_tokens", "sft_loss", "train_sft", "reinitialise", "save_model", "sft_model", "main"]
 
@@ -57,7 +57,7 @@ def sft_loss(model, tokenizer, image_processor, records: list[Record], responses
     """
     prompts = encode_prompts([r.question + instruction for r in records], [r.image for r in records], tokenizer, image_processor)
     tokens, mask = response_tokens(tokenizer, responses)
-    hidden = model.model(**scoring_inputs(prompts, tokens, mask)).last_hidden_state[:, prompts.input_ids.shape[1] - 1:]
+    hidden = response_hidden(model, prompts, tokens, mask)
     weight = model.lm_head.weight
     return -fused_linear_logprobs(hidden[mask].to(weight.dtype), weight, tokens[mask], len(tokenizer))[0].mean()
 
