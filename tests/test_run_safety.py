@@ -206,13 +206,13 @@ def test_resuming_a_finished_run_adds_no_line(tmp_path, monkeypatch, capsys):
 
 
 def test_the_last_checkpoint_is_written_after_the_last_validation(tmp_path, monkeypatch):
-    import vaopd.train as train_mod
+    import vaopd.trainer as trainer_mod
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt
 
     cfg = _validating(tmp_path, "train.max_steps=2", "eval.every=0", "train.checkpoint_every=1", "train.keep_checkpoints=5")
-    monkeypatch.setattr(train_mod, "evaluate", killed)
+    monkeypatch.setattr(trainer_mod, "evaluate", killed)
     with pytest.raises(KeyboardInterrupt):
         train(cfg)
     run = cfg.train.run_dir
