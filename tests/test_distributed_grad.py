@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from tests.trainer_utils import free_port
+from trainer_utils import free_port
 from vaopd.data import tiny_records
 from vaopd.distributed import DistEnv, HiddenAndHead, generate_slots, shard_model, slot_layout
 from vaopd.kernels import LossSpec, va_opd_loss
