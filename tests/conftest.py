@@ -2,8 +2,7 @@
 ``trainer_utils.py`` (tiny runs), ``torchrun_train.py`` (multi-process runs) and
 ``fake_torchvision.py``, imported by module name (``pytest.ini`` puts ``tests`` on the path).
 
-Tests marked ``slow`` (processes launched with torchrun or ``torch.multiprocessing``, memory
-probes in fresh processes, toy-task smoke runs) are left out by ``pytest -m "not slow"``."""
+Tests marked ``slow`` (what the marker covers: ``pytest.ini``) are left out by ``pytest -m "not slow"``."""
 import pytest
 
 import vaopd.build as build_mod

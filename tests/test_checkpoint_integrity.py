@@ -95,6 +95,7 @@ def test_export_output_is_accepted_by_eval(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["samples"] == 1
 
 
+@pytest.mark.slow
 def test_two_rank_dcp_damage_is_detected_and_resume_falls_back(tmp_path, scripted_rollouts, capsys):
     run = tmp_path / "run"
     done = torchrun(tmp_path, *sets(f"train.run_dir={run}", "train.max_steps=2", "train.checkpoint_every=1",

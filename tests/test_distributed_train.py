@@ -30,6 +30,7 @@ def exported(tmp_path, checkpoint, name):
     return state(AutoModelForImageTextToText.from_pretrained(tmp_path / name))
 
 
+@pytest.mark.slow
 def test_resume_across_world_sizes_continues_identically(tmp_path, scripted_rollouts):
     # Reference: one plain process, 4 steps, single-process checkpoints at 2 and 4.
     ref = train_mod.train(tiny_config(tmp_path, *SETTINGS, "train.max_steps=4", "train.checkpoint_every=2",
@@ -76,6 +77,7 @@ def test_export_of_a_single_process_checkpoint_is_its_model(tmp_path, scripted_r
     assert max_diff(exported(tmp_path, result.checkpoint, "export"), state(result.student)) == 0
 
 
+@pytest.mark.slow
 def test_a_failing_rank_ends_the_job_and_keeps_the_last_checkpoint(tmp_path):
     run = tmp_path / "run"
     start = time.perf_counter()
@@ -94,6 +96,7 @@ def test_a_failing_rank_ends_the_job_and_keeps_the_last_checkpoint(tmp_path):
     assert [line for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()][-1].startswith('{"step": 2,')
 
 
+@pytest.mark.slow
 def test_sigterm_on_one_rank_stops_all_ranks_after_the_same_step_with_a_checkpoint(tmp_path):
     run = tmp_path / "run"
     # SIGTERM reaches rank 1 only, during step 2: both ranks finish step 2, save it together, exit 0.
@@ -104,6 +107,7 @@ def test_sigterm_on_one_rank_stops_all_ranks_after_the_same_step_with_a_checkpoi
     assert sorted(step_losses(run)) == [1, 2]
 
 
+@pytest.mark.slow
 def test_non_finite_teacher_on_one_rank_skips_the_step_on_all_ranks(tmp_path):
     run = tmp_path / "run"
     # Rank 1's teacher gives NaN in step 2 (one micro-batch per step): both ranks skip step 2 and go on.

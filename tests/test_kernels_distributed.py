@@ -38,6 +38,7 @@ def _rank(rank, world, port, method, out_dir):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["va_opd", "opd"])
 def test_two_ranks_with_split_siblings_match_one_process(tmp_path, method):
     mp.spawn(_rank, args=(2, free_port(), method, str(tmp_path)), nprocs=2, join=True)

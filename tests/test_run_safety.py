@@ -58,6 +58,7 @@ def weights_and_metrics(run: Path) -> tuple[dict, list[dict]]:
                                               for r in lines]
 
 
+@pytest.mark.slow
 def test_two_runs_started_together_into_one_folder_one_proceeds_the_other_changes_nothing(tmp_path):
     run = tmp_path / "race"
     common = [*TINY, "train.max_steps=4", "train.checkpoint_every=2", "train.keep_checkpoints=5", f"train.run_dir={run}"]
@@ -79,6 +80,7 @@ def test_two_runs_started_together_into_one_folder_one_proceeds_the_other_change
     assert sorted(p.name for p in run.iterdir()) == sorted(p.name for p in alone.iterdir())
 
 
+@pytest.mark.slow
 def test_two_resumes_started_together_write_each_step_once(tmp_path):
     run = tmp_path / "race"
     common = [*TINY, "train.checkpoint_every=2", "train.keep_checkpoints=5", f"train.run_dir={run}"]
@@ -255,6 +257,7 @@ def test_a_full_disk_while_writing_a_run_file_names_it_and_keeps_the_old_one(tmp
     assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1}\n'
 
 
+@pytest.mark.slow
 def test_under_torchrun_a_refused_lock_stops_every_rank(tmp_path):
     run = tmp_path / "run"
     with lock_run_folder(run):
