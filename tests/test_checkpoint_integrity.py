@@ -14,10 +14,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import vaopd.build as build_mod
-from tests.test_distributed_train import SETTINGS, ScriptedRollout, sets, torchrun
-from tests.test_runs import folder_hash
-from tests.trainer_utils import tiny_cli, tiny_config
+from torchrun_train import SETTINGS, sets, torchrun
+from trainer_utils import folder_hash, tiny_cli, tiny_config
 from vaopd.checkpoint import CheckpointError, load_sharded_state, verify_checkpoint
 from vaopd.eval import main as eval_main
 from vaopd.export import main as export_main
@@ -97,7 +95,8 @@ def test_export_output_is_accepted_by_eval(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["samples"] == 1
 
 
-def test_two_rank_dcp_damage_is_detected_and_resume_falls_back(tmp_path, monkeypatch, capsys):
+@pytest.mark.slow
+def test_two_rank_dcp_damage_is_detected_and_resume_falls_back(tmp_path, scripted_rollouts, capsys):
     run = tmp_path / "run"
     done = torchrun(tmp_path, *sets(f"train.run_dir={run}", "train.max_steps=2", "train.checkpoint_every=1",
                                     "train.keep_checkpoints=5"))
@@ -114,7 +113,6 @@ def test_two_rank_dcp_damage_is_detected_and_resume_falls_back(tmp_path, monkeyp
     flip_byte(two / shards[1])
     with pytest.raises(CheckpointError, match=rf"{shards[1]}: SHA-256 differs"):
         verify_checkpoint(two)
-    monkeypatch.setattr(build_mod, "HFGenerate", ScriptedRollout)
     result = train(tiny_config(tmp_path, *SETTINGS, "train.max_steps=2", f"train.run_dir={run}"), resume=True)
     out = capsys.readouterr().out
     assert f"falling back to {one}" in out and result.step == 2 and len(result.history) == 1

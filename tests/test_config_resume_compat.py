@@ -4,17 +4,16 @@ import json
 
 import yaml
 
-from tests.test_train_config import OLD_UNSET, _flat, _nested
-from tests.trainer_utils import tiny_config
+from trainer_utils import OLD_UNSET, flatten, tiny_config, unflatten
 from vaopd.manifest import write_manifest
 from vaopd.train import main, train
 
 
 def _old_spelling(path):
     """Rewrite ``path`` (a config.yaml) as vaopd wrote it before null: 0, -1 or "" for not set."""
-    flat = _flat(yaml.safe_load(path.read_text()))
+    flat = flatten(yaml.safe_load(path.read_text()))
     flat.update({k: OLD_UNSET[k] for k, v in flat.items() if v is None})
-    path.write_text(yaml.safe_dump(_nested(flat), sort_keys=False))
+    path.write_text(yaml.safe_dump(unflatten(flat), sort_keys=False))
 
 
 def test_a_checkpoint_written_with_the_old_spellings_resumes(tmp_path, capsys):

@@ -1,24 +1,13 @@
 """Data files (JSONL, parquet; Geometry3K and ViRL39K layouts), bad records, order, ablations."""
-import io
-import json
 import math
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from trainer_utils import png_bytes, write_jsonl
 from vaopd.ablate import ABLATIONS, ablate
 from vaopd.data import DataError, load_records, step_indices, tiny_records
-
-
-def png_bytes(color=(200, 30, 30), size=(40, 30)) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", size, color).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 def test_virl_style_jsonl_with_relative_paths(tmp_path):

@@ -5,8 +5,7 @@ import json
 
 import pytest
 
-from tests.test_data import png_bytes, write_jsonl
-from tests.trainer_utils import tiny_cli, tiny_config
+from trainer_utils import png_bytes, tiny_cli, tiny_config, write_jsonl
 from vaopd.data import DataError, load_records
 from vaopd.train import train
 

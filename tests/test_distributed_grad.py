@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from tests.trainer_utils import free_port
+from trainer_utils import free_port
 from vaopd.data import tiny_records
 from vaopd.distributed import DistEnv, HiddenAndHead, generate_slots, shard_model, slot_layout
 from vaopd.kernels import LossSpec, va_opd_loss
@@ -133,6 +133,7 @@ def test_generate_slots_keeps_slot_order_for_whole_and_partial_groups():
     assert mask.sum(1).tolist() == [1, 1, 2, 3, 1, 2] and mask.dtype == torch.bool
 
 
+@pytest.mark.slow
 def test_two_fsdp_ranks_match_one_process_with_split_siblings(tmp_path):
     out = tmp_path / "dist.pt"
     mp.spawn(worker, args=(2, free_port(), str(out)), nprocs=2, join=True)

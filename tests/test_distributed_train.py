@@ -1,72 +1,23 @@
 """The trainer under torchrun (2 gloo ranks on 127.0.0.1): sharded checkpoints that resume on another
-number of ranks and continue as an uninterrupted run, export, and a failing rank ending the job.
-
-Run as a script, this module is the torchrun entry point: ``python -m vaopd.train`` with the
-scripted rollouts below and, with ``--fault raise|sigterm R N``, a loss that raises (or sends
-SIGTERM to its own process) on rank R at its N-th call.
-"""
+number of ranks and continue as an uninterrupted run, export, and a failing rank ending the job
+(the ranks run ``torchrun_train.py``)."""
 import datetime
 import json
 import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 from transformers import AutoModelForImageTextToText
 
-import vaopd.build as build_mod
-import vaopd.scoring as scoring_mod
-import vaopd.step as step_mod
 import vaopd.train as train_mod
-from tests.trainer_utils import free_port, max_diff, state, tiny_config
+from torchrun_train import SETTINGS, sets, torchrun
+from trainer_utils import max_diff, state, tiny_config
 from vaopd.checkpoint import is_sharded_checkpoint, latest_checkpoint
 from vaopd.distributed import init_distributed
 from vaopd.export import main as export_main
-from vaopd.rollout import response_mask
-
-ROOT = Path(__file__).resolve().parent.parent
-SETTINGS = ["train.device=cpu", "train.precision=fp32", "train.prompts_per_step=2", "rollout.samples_per_prompt=2",
-            "rollout.max_new_tokens=6", "data.tiny_train_size=8", "data.val=", "log.progress=false",
-            "optim.lr=1e-3", "optim.warmup_ratio=0", "distributed.timeout_s=60"]
-
-
-class ScriptedRollout:
-    """Deterministic responses of unequal lengths that depend only on the prompt and the sample
-    index, never on the RNG or the rank: runs on different numbers of ranks see the same data."""
-
-    def __init__(self, model, *, eos_ids, pad_id, banned_ids, **_):
-        self.eos, self.pad = eos_ids[0], pad_id
-        self.allowed = torch.tensor([i for i in range(10, 300) if i not in banned_ids and i not in eos_ids])
-
-    def generate(self, prompts, k):
-        rows = []
-        for i in range(len(prompts)):
-            key = int(prompts.input_ids[i].sum())
-            for j in range(k):
-                g = torch.Generator().manual_seed(key * 31 + j)
-                row = self.allowed[torch.randint(len(self.allowed), (6,), generator=g)]
-                length = 2 + (key + 3 * j) % 5
-                row[length - 1] = self.eos
-                row[length:] = self.pad
-                rows.append(row)
-        tokens = torch.stack(rows)
-        return tokens, response_mask(tokens, [self.eos])
-
-
-def torchrun(tmp_path, *args, nproc=2, timeout=180):
-    """``torchrun`` this module on ``nproc`` local ranks; returns the CompletedProcess."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", __file__, *args]
-    return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def sets(*overrides):
-    return [a for o in [*SETTINGS, *overrides] for a in ("--set", o)]
 
 
 def step_losses(run_dir):
@@ -79,8 +30,8 @@ def exported(tmp_path, checkpoint, name):
     return state(AutoModelForImageTextToText.from_pretrained(tmp_path / name))
 
 
-def test_resume_across_world_sizes_continues_identically(tmp_path, monkeypatch):
-    monkeypatch.setattr(build_mod, "HFGenerate", ScriptedRollout)
+@pytest.mark.slow
+def test_resume_across_world_sizes_continues_identically(tmp_path, scripted_rollouts):
     # Reference: one plain process, 4 steps, single-process checkpoints at 2 and 4.
     ref = train_mod.train(tiny_config(tmp_path, *SETTINGS, "train.max_steps=4", "train.checkpoint_every=2",
                                       "log.rollouts_every=1", name="ref"))
@@ -121,12 +72,12 @@ def test_resume_across_world_sizes_continues_identically(tmp_path, monkeypatch):
     assert all(abs(step_losses(back)[s] - ref_losses[s]) < 1e-5 * abs(ref_losses[s]) for s in (3, 4))
 
 
-def test_export_of_a_single_process_checkpoint_is_its_model(tmp_path, monkeypatch):
-    monkeypatch.setattr(build_mod, "HFGenerate", ScriptedRollout)
+def test_export_of_a_single_process_checkpoint_is_its_model(tmp_path, scripted_rollouts):
     result = train_mod.train(tiny_config(tmp_path, *SETTINGS, "train.max_steps=1"))
     assert max_diff(exported(tmp_path, result.checkpoint, "export"), state(result.student)) == 0
 
 
+@pytest.mark.slow
 def test_a_failing_rank_ends_the_job_and_keeps_the_last_checkpoint(tmp_path):
     run = tmp_path / "run"
     start = time.perf_counter()
@@ -145,6 +96,7 @@ def test_a_failing_rank_ends_the_job_and_keeps_the_last_checkpoint(tmp_path):
     assert [line for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()][-1].startswith('{"step": 2,')
 
 
+@pytest.mark.slow
 def test_sigterm_on_one_rank_stops_all_ranks_after_the_same_step_with_a_checkpoint(tmp_path):
     run = tmp_path / "run"
     # SIGTERM reaches rank 1 only, during step 2: both ranks finish step 2, save it together, exit 0.
@@ -155,6 +107,7 @@ def test_sigterm_on_one_rank_stops_all_ranks_after_the_same_step_with_a_checkpoi
     assert sorted(step_losses(run)) == [1, 2]
 
 
+@pytest.mark.slow
 def test_non_finite_teacher_on_one_rank_skips_the_step_on_all_ranks(tmp_path):
     run = tmp_path / "run"
     # Rank 1's teacher gives NaN in step 2 (one micro-batch per step): both ranks skip step 2 and go on.
@@ -175,42 +128,3 @@ def test_process_group_is_gloo_on_cpu_with_the_configured_timeout(monkeypatch):
     env = init_distributed("cpu", 7.5)
     assert (env.rank, env.world_size, env.local_rank, env.device, env.is_main) == (1, 2, 1, torch.device("cpu"), False)
     assert seen["backend"] == "gloo" and seen["timeout"] == datetime.timedelta(seconds=7.5)
-
-
-def _script(argv: list[str]) -> int:
-    """torchrun entry: ``vaopd.train.main`` with scripted rollouts and an optional injected fault."""
-    build_mod.HFGenerate = ScriptedRollout
-    if "--nan-teacher" in argv:  # rank R's teacher states are NaN at its N-th micro-batch
-        at = argv.index("--nan-teacher")
-        fault_rank, fault_call = int(argv[at + 1]), int(argv[at + 2])
-        argv = argv[:at] + argv[at + 3:]
-        real_teacher, teacher_calls = scoring_mod.Scorer.teacher, []
-
-        def nan_teacher(self, *args):
-            clean, ablated, weight = real_teacher(self, *args)
-            teacher_calls.append(1)
-            if int(os.environ["RANK"]) == fault_rank and len(teacher_calls) == fault_call:
-                clean = clean * float("nan")
-            return clean, ablated, weight
-
-        scoring_mod.Scorer.teacher = nan_teacher
-    if "--fault" in argv:
-        at = argv.index("--fault")
-        kind, fault_rank, fault_call = argv[at + 1], int(argv[at + 2]), int(argv[at + 3])
-        argv = argv[:at] + argv[at + 4:]
-        real, calls = step_mod.va_opd_loss, []
-
-        def faulty(*args, **kwargs):
-            calls.append(1)
-            if int(os.environ["RANK"]) == fault_rank and len(calls) == fault_call:
-                if kind == "raise":
-                    raise RuntimeError("injected failure")
-                os.kill(os.getpid(), signal.SIGTERM)
-            return real(*args, **kwargs)
-
-        step_mod.va_opd_loss = faulty
-    return train_mod.main(argv)
-
-
-if __name__ == "__main__":
-    sys.exit(_script(sys.argv[1:]))

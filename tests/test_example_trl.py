@@ -57,6 +57,7 @@ def test_fused_loss_and_gradients_equal_trls_on_a_batch(example, tmp_path, reduc
         torch.testing.assert_close(g_fused[name], g_trl[name], rtol=1e-4, atol=1e-7, msg=name)
 
 
+@pytest.mark.slow
 def test_training_matches_trls_trainer(example, tmp_path):
     runs = {}
     for name, cls in (("fused", example.FusedReverseKLDistillationTrainer), ("trl", DistillationTrainer)):

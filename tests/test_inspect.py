@@ -2,6 +2,8 @@
 import json
 import math
 
+import pytest
+
 from trainer_utils import tiny_config
 
 from vaopd.inspect import main as inspect_main
@@ -9,6 +11,7 @@ from vaopd.inspect import visible_token
 from vaopd.train import train
 
 
+@pytest.mark.slow
 def test_rollout_log_and_inspect_page(tmp_path):
     for method in ("opd", "va_opd"):
         cfg = tiny_config(tmp_path, f"loss.method={method}", "train.max_steps=3", "log.rollouts_every=2",

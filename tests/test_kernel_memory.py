@@ -3,6 +3,10 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.slow  # each test starts fresh processes that build [tokens x vocab] logits
+
 PROBE = os.path.join(os.path.dirname(__file__), "memprobe.py")
 
 

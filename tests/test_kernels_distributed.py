@@ -1,7 +1,6 @@
 """``va_opd_loss(process_group=...)``: a batch split over 2 gloo ranks, siblings split across them,
 gives the single-process loss (summed over ranks), coefficients and gradients."""
 import os
-import socket
 
 import pytest
 import torch
@@ -9,6 +8,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from helpers import clone_inputs, make_inputs
+from trainer_utils import free_port
 from vaopd.kernels import LossSpec, va_opd_loss, va_opd_loss_reference
 
 # Rows of each rank: group 1 has responses on both ranks; rank 1 also holds an all-masked row.
@@ -21,12 +21,6 @@ def _inputs():
     inputs["mask"][:, 5:] = torch.rand(7, 4, generator=torch.Generator().manual_seed(32)) > 0.5  # unequal lengths
     inputs["mask"][4] = False
     return inputs
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rank(rank, world, port, method, out_dir):
@@ -44,9 +38,10 @@ def _rank(rank, world, port, method, out_dir):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["va_opd", "opd"])
 def test_two_ranks_with_split_siblings_match_one_process(tmp_path, method):
-    mp.spawn(_rank, args=(2, _free_port(), method, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_rank, args=(2, free_port(), method, str(tmp_path)), nprocs=2, join=True)
     parts = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     inputs = clone_inputs(_inputs())
     loss, stats = va_opd_loss_reference(**inputs, spec=LossSpec(method=method))

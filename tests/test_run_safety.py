@@ -11,9 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_runs import TINY, folder_hash
-from tests.test_train_best import _forced_accuracies, _validating
-from tests.trainer_utils import tiny_cli
+from torchrun_train import sets as rank_sets, torchrun
+from trainer_utils import TINY, folder_hash, tiny_cli, validating_config
 from vaopd.runs import LOCK_FILE, RunFolderError, lock_run_folder
 from vaopd.selection import BEST_FILE
 from vaopd.train import main, train
@@ -59,6 +58,7 @@ def weights_and_metrics(run: Path) -> tuple[dict, list[dict]]:
                                               for r in lines]
 
 
+@pytest.mark.slow
 def test_two_runs_started_together_into_one_folder_one_proceeds_the_other_changes_nothing(tmp_path):
     run = tmp_path / "race"
     common = [*TINY, "train.max_steps=4", "train.checkpoint_every=2", "train.keep_checkpoints=5", f"train.run_dir={run}"]
@@ -80,6 +80,7 @@ def test_two_runs_started_together_into_one_folder_one_proceeds_the_other_change
     assert sorted(p.name for p in run.iterdir()) == sorted(p.name for p in alone.iterdir())
 
 
+@pytest.mark.slow
 def test_two_resumes_started_together_write_each_step_once(tmp_path):
     run = tmp_path / "race"
     common = [*TINY, "train.checkpoint_every=2", "train.keep_checkpoints=5", f"train.run_dir={run}"]
@@ -137,11 +138,11 @@ def test_a_run_folder_that_is_a_file_is_refused(tmp_path):
 # Records and outputs that point where they must not
 
 
-def validated_run(tmp_path, monkeypatch, *overrides):
+def validated_run(tmp_path, forced_accuracies, *overrides):
     """A 2-step run that validates at step 2 (forced accuracy 0.5) and checkpoints both steps."""
-    _forced_accuracies(monkeypatch, [0.5] * 4)
-    return train(_validating(tmp_path, "train.max_steps=2", "eval.every=0", "train.checkpoint_every=1",
-                             "train.keep_checkpoints=5", *overrides)).run_dir
+    forced_accuracies([0.5] * 4)
+    return train(validating_config(tmp_path, "train.max_steps=2", "eval.every=0", "train.checkpoint_every=1",
+                                   "train.keep_checkpoints=5", *overrides)).run_dir
 
 
 @pytest.mark.parametrize("content, says", [
@@ -152,11 +153,11 @@ def validated_run(tmp_path, monkeypatch, *overrides):
      "'checkpoint' is '../other/checkpoints/step_00000002', not checkpoints/step_00000002 of this run; refusing to follow it"),
     ('{"step": 1, "val_accuracy": 0.5, "checkpoint": "checkpoints/step_00000002"}', "not checkpoints/step_00000001"),
 ])
-def test_a_corrupt_or_escaping_best_json_is_refused_by_export_eval_and_resume(tmp_path, monkeypatch, capsys, content, says):
+def test_a_corrupt_or_escaping_best_json_is_refused_by_export_eval_and_resume(tmp_path, forced_accuracies, capsys, content, says):
     from vaopd.eval import main as eval_main
     from vaopd.export import main as export_main
 
-    run = validated_run(tmp_path, monkeypatch)
+    run = validated_run(tmp_path, forced_accuracies)
     (run / BEST_FILE).write_text(content)
     before = folder_hash(run)
     capsys.readouterr()
@@ -170,10 +171,10 @@ def test_a_corrupt_or_escaping_best_json_is_refused_by_export_eval_and_resume(tm
     assert folder_hash(run) == before and not (tmp_path / "out").exists()
 
 
-def test_export_out_must_be_a_folder_outside_every_checkpoint(tmp_path, monkeypatch, capsys):
+def test_export_out_must_be_a_folder_outside_every_checkpoint(tmp_path, forced_accuracies, capsys):
     from vaopd.export import main as export_main
 
-    run = validated_run(tmp_path, monkeypatch)
+    run = validated_run(tmp_path, forced_accuracies)
     ckpt = run / "checkpoints" / "step_00000002"
     (tmp_path / "file").write_text("x")
     before = folder_hash(run)
@@ -192,8 +193,8 @@ def test_export_out_must_be_a_folder_outside_every_checkpoint(tmp_path, monkeypa
     assert export_main(["--checkpoint", str(ckpt), "--out", str(exported / "again")]) == 2
 
 
-def test_resuming_a_finished_run_adds_no_line(tmp_path, monkeypatch, capsys):
-    run = validated_run(tmp_path, monkeypatch)
+def test_resuming_a_finished_run_adds_no_line(tmp_path, forced_accuracies, capsys):
+    run = validated_run(tmp_path, forced_accuracies)
     lines = (run / "metrics.jsonl").read_text()
     assert [json.loads(line).get("val_accuracy") for line in lines.splitlines()] == [None, None, 0.5]
     before = {k: v for k, v in folder_hash(run).items() if k != "config.yaml"}  # a resume writes its own settings
@@ -205,19 +206,19 @@ def test_resuming_a_finished_run_adds_no_line(tmp_path, monkeypatch, capsys):
     assert {k: v for k, v in folder_hash(run).items() if k != "config.yaml"} == before
 
 
-def test_the_last_checkpoint_is_written_after_the_last_validation(tmp_path, monkeypatch):
+def test_the_last_checkpoint_is_written_after_the_last_validation(tmp_path, monkeypatch, forced_accuracies):
     import vaopd.trainer as trainer_mod
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt
 
-    cfg = _validating(tmp_path, "train.max_steps=2", "eval.every=0", "train.checkpoint_every=1", "train.keep_checkpoints=5")
+    cfg = validating_config(tmp_path, "train.max_steps=2", "eval.every=0", "train.checkpoint_every=1", "train.keep_checkpoints=5")
     monkeypatch.setattr(trainer_mod, "evaluate", killed)
     with pytest.raises(KeyboardInterrupt):
         train(cfg)
     run = cfg.train.run_dir
     assert sorted(p.name for p in (Path(run) / "checkpoints").iterdir()) == ["step_00000001"]
-    _forced_accuracies(monkeypatch, [0.5])
+    forced_accuracies([0.5])
     assert train(cfg, resume=True).step == 2
     assert [json.loads(line).get("val_accuracy") for line in (Path(run) / "metrics.jsonl").read_text().splitlines()] \
         == [None, None, 0.5]
@@ -256,10 +257,8 @@ def test_a_full_disk_while_writing_a_run_file_names_it_and_keeps_the_old_one(tmp
     assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1}\n'
 
 
+@pytest.mark.slow
 def test_under_torchrun_a_refused_lock_stops_every_rank(tmp_path):
-    from tests.test_distributed_train import sets as rank_sets
-    from tests.test_distributed_train import torchrun
-
     run = tmp_path / "run"
     with lock_run_folder(run):
         done = torchrun(tmp_path, *rank_sets(f"train.run_dir={run}", "train.max_steps=1"))

@@ -1,6 +1,5 @@
 """Run folders: a new run never lands on an old one, resume rolls back cleanly and refuses
 optimisation changes, stale temporaries go, and names and YAML errors are checked."""
-import hashlib
 import json
 import os
 import subprocess
@@ -8,23 +7,12 @@ import sys
 
 import pytest
 
-from tests.trainer_utils import tiny_config
+from trainer_utils import TINY, folder_hash, tiny_config
 from vaopd.checkpoint import remove_stale_temporaries, step_checkpoints, verify_checkpoint
 from vaopd.config import ConfigError, load_config
 from vaopd.metrics import JsonlError
 from vaopd.runs import RunFolderError
 from vaopd.train import main, train
-
-TINY = ["train.device=cpu", "train.precision=fp32", "train.prompts_per_step=2", "train.max_steps=2",
-        "rollout.samples_per_prompt=2", "rollout.max_new_tokens=4", "data.tiny_train_size=8", "data.val=",
-        "log.progress=false"]
-
-
-def folder_hash(path) -> dict:
-    """Every file under ``path`` with its SHA-256: equal before and after means nothing changed."""
-    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(path.rglob("*")) if p.is_file()}
-
 
 def cli(run_dir, *args):
     return main([*args, *[a for o in [*TINY, f"train.run_dir={run_dir}"] for a in ("--set", o)]])

@@ -2,6 +2,7 @@
 layout, and a minimal preset runs one real trainer step with the drawn response lengths."""
 import json
 
+import pytest
 import torch
 from transformers import Qwen3VLForConditionalGeneration
 
@@ -29,6 +30,7 @@ def test_tokenizer_has_qwens_layout():
     assert "<|vision_start|><|image_pad|><|vision_end|>Find x.<|im_end|>" in text and text.endswith("assistant\n")
 
 
+@pytest.mark.slow
 def test_one_step_of_the_smoke_preset(tmp_path):
     assert main(["--preset", "smoke", "--steps", "1", "--warmup", "0", "--buckets", "on", "--out", str(tmp_path)]) == 0
     info = json.loads((tmp_path / "smoke.json").read_text())

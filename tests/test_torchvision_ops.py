@@ -68,6 +68,7 @@ def probes():
     return {module: result(proc, module) for module, proc in procs.items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("module", ENTRY_POINTS)
 def test_entry_points_import_the_gate_before_transformers(probes, module):
     found = probes[module]

@@ -13,6 +13,7 @@ from vaopd.toy.sft import load_split, train_sft
 from vaopd.toy.task import write_splits
 
 
+@pytest.mark.slow
 def test_sft_fits_a_small_batch(tmp_path):
     files = write_splits(tmp_path, seed=0, sizes={"train": 8})
     records, rows = load_split(files["train"])
@@ -34,6 +35,7 @@ def test_regimes():
     assert quick.template == "scaffold" and quick.seeds == [0] and quick.distill_steps == 2
 
 
+@pytest.mark.slow
 def test_comparison_pipeline_smoke(tmp_path):
     """The paper regime's path (the original regime runs the same code with other settings)."""
     torch.manual_seed(0)

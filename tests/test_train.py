@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 import vaopd.build as build_mod
 import vaopd.optim as optim_mod
 import vaopd.step as step_mod
-from tests.trainer_utils import max_diff, state, tiny_config
+from trainer_utils import max_diff, state, tiny_config
 from vaopd.checkpoint import CheckpointError, latest_checkpoint, load_trainer_state
 from vaopd.data import tiny_records
 from vaopd.kernels import LossSpec, va_opd_loss

@@ -7,32 +7,15 @@ import pytest
 from safetensors.torch import load_file
 
 import vaopd.train as train_mod
-import vaopd.trainer as trainer_mod
-from tests.trainer_utils import tiny_config
+from trainer_utils import tiny_config, validating_config
 from vaopd.export import main as export_main
 from vaopd.eval import main as eval_main
 from vaopd.selection import read_best
 
 
-def _forced_accuracies(monkeypatch, accuracies):
-    """Replace generation+grading in validation by a fixed accuracy sequence (one per validation)."""
-    queue = list(accuracies)
-
-    def fake_evaluate(model, tokenizer, image_processor, records, **kwargs):
-        return {"accuracy": queue.pop(0), "samples": len(records) * kwargs["samples"], "questions": len(records)}
-
-    monkeypatch.setattr(trainer_mod, "evaluate", fake_evaluate)
-    return queue
-
-
-def _validating(tmp_path, *overrides):
-    return tiny_config(tmp_path, "data.val=tiny", "data.tiny_val_size=2", "eval.samples=1", "train.max_steps=3",
-                       "eval.every=1", *overrides)
-
-
-def test_best_checkpoint_earliest_wins_ties_and_is_never_pruned(tmp_path, monkeypatch, capsys):
-    queue = _forced_accuracies(monkeypatch, [0.25, 0.5, 0.5])
-    cfg = _validating(tmp_path, "train.checkpoint_every=1", "train.keep_checkpoints=1")
+def test_best_checkpoint_earliest_wins_ties_and_is_never_pruned(tmp_path, forced_accuracies, capsys):
+    queue = forced_accuracies([0.25, 0.5, 0.5])
+    cfg = validating_config(tmp_path, "train.checkpoint_every=1", "train.keep_checkpoints=1")
     result = train_mod.train(cfg)
     assert not queue
     best = read_best(result.run_dir)
@@ -55,19 +38,19 @@ def test_best_checkpoint_earliest_wins_ties_and_is_never_pruned(tmp_path, monkey
     assert "best.json" in capsys.readouterr().err
 
 
-def test_validation_without_a_checkpoint_is_no_candidate(tmp_path, monkeypatch):
+def test_validation_without_a_checkpoint_is_no_candidate(tmp_path, forced_accuracies):
     # step 1 validates best of all, but no checkpoint is saved there (checkpoint_every=2)
-    _forced_accuracies(monkeypatch, [0.9, 0.2, 0.5])
-    result = train_mod.train(_validating(tmp_path, "train.checkpoint_every=2"))
+    forced_accuracies([0.9, 0.2, 0.5])
+    result = train_mod.train(validating_config(tmp_path, "train.checkpoint_every=2"))
     assert [r["val_accuracy"] for r in result.history if "val_accuracy" in r] == [0.9, 0.2, 0.5]
     assert (result.best["step"], result.best["val_accuracy"]) == (3, 0.5)
 
 
-def test_best_survives_a_resume_and_is_in_the_summary_line(tmp_path, monkeypatch, capsys):
-    _forced_accuracies(monkeypatch, [0.5, 0.75, 0.25])
+def test_best_survives_a_resume_and_is_in_the_summary_line(tmp_path, forced_accuracies, capsys):
+    forced_accuracies([0.5, 0.75, 0.25])
     args = [f"--config={tmp_path / 'empty.yaml'}"]
     (tmp_path / "empty.yaml").write_text("{}\n")
-    cfg = _validating(tmp_path, "train.checkpoint_every=1")
+    cfg = validating_config(tmp_path, "train.checkpoint_every=1")
     overrides = [f"--set={key}={value}" for key, value in [
         ("train.device", "cpu"), ("train.precision", "fp32"), ("train.run_dir", cfg.train.run_dir),
         ("train.prompts_per_step", 2), ("train.max_steps", 3), ("train.checkpoint_every", 1),

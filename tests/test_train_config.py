@@ -5,6 +5,7 @@ import pytest
 
 import yaml
 
+from trainer_utils import OLD_UNSET, flatten, unflatten
 from vaopd.config import Config, ConfigError, load_config, resume_changes, to_dict, to_yaml
 from vaopd.train import main
 
@@ -100,31 +101,10 @@ def test_unloadable_model_names_the_key(tmp_path, capsys):
 
 # --- null for "not set", the older spellings, resume policy --------------------------------------
 
-# Every optional field's older spelling of "not set" (what a config.yaml written before null holds).
-OLD_UNSET = {
-    "data.val": "", "data.id_key": "", "data.image_root": "", "rollout.top_k": 0, "rollout.batch_prompts": 0,
-    "rollout.vllm.max_model_len": 0, "loss.chunk_size": 0, "optim.grad_clip": 0, "train.run_dir": "",
-    "train.micro_batch_prompts": 0, "train.max_steps": 0, "train.epochs": 0, "train.stop_after": 0,
-    "train.checkpoint_every": 0, "train.keep_checkpoints": -1, "eval.every": 0, "eval.max_questions": 0,
-    "eval.subset.count": 0, "log.wandb_project": "", "log.rollouts_every": 0,
-}
-
-
 def _get(cfg, key):
     for part in key.split("."):
         cfg = getattr(cfg, part)
     return cfg
-
-
-def _nested(flat: dict) -> dict:
-    out: dict = {}
-    for key, value in flat.items():
-        *parents, leaf = key.split(".")
-        node = out
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return out
 
 
 @pytest.mark.parametrize("key", sorted(OLD_UNSET))
@@ -139,16 +119,9 @@ def test_old_unset_spellings_read_as_null(key):
 def test_every_null_field_has_an_old_spelling():
     """A field that can be null and lost its older spelling would break configs written before."""
     everything_null = [f"{k}=null" for k in OLD_UNSET if k != "train.epochs"]
-    nulls = {k for k, v in _flat(to_dict(load_config(None, everything_null))).items() if v is None}
+    nulls = {k for k, v in flatten(to_dict(load_config(None, everything_null))).items() if v is None}
     assert nulls == set(OLD_UNSET) - {"train.epochs"}
     assert load_config(None, ["train.max_steps=3", "train.epochs=null"]).train.epochs is None
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
 
 
 def test_zero_is_not_null_where_it_is_a_value_and_bools_are_not_numbers():
@@ -170,12 +143,12 @@ def test_yaml_round_trip_writes_null(tmp_path):
 
 def test_a_config_written_before_null_loads_and_resumes_without_changes(tmp_path):
     cfg = load_config(None, [f"{k}=null" for k in OLD_UNSET if k not in ("train.epochs", "train.max_steps")])
-    old = _flat(to_dict(cfg)) | {k: v for k, v in OLD_UNSET.items() if k not in ("train.epochs", "train.max_steps")}
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(_nested(old)))
+    old = flatten(to_dict(cfg)) | {k: v for k, v in OLD_UNSET.items() if k not in ("train.epochs", "train.max_steps")}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(unflatten(old)))
     assert load_config(tmp_path / "config.yaml") == cfg
-    assert resume_changes(_nested(old), cfg) == ([], [])
+    assert resume_changes(unflatten(old), cfg) == ([], [])
     # a real change still shows, in the new spelling
-    refused, allowed = resume_changes(_nested(old), load_config(None, ["loss.chunk_size=512", "eval.every=5"]))
+    refused, allowed = resume_changes(unflatten(old), load_config(None, ["loss.chunk_size=512", "eval.every=5"]))
     assert "loss.chunk_size: null -> 512" in refused and "eval.every: null -> 5" in allowed
 
 
@@ -191,8 +164,8 @@ RESUME_SAFE = {
 
 def test_resume_policy_of_every_field():
     cfg = Config()
-    flat = _flat(to_dict(cfg))
-    refused, allowed = resume_changes(_nested({k: "(before)" for k in flat}), cfg)
+    flat = flatten(to_dict(cfg))
+    refused, allowed = resume_changes(unflatten({k: "(before)" for k in flat}), cfg)
     safe = {line.split(":")[0] for line in allowed}
     expected = RESUME_SAFE | {k for k in flat if k.split(".")[0] in ("eval", "log", "distributed")}
     assert safe == expected

@@ -5,7 +5,7 @@ The vLLM engine itself is tested in tests/vllm (its own environment, README).
 import pytest
 import torch
 
-from tests.trainer_utils import tiny_config
+from trainer_utils import tiny_config
 from vaopd.build import build_setup
 from vaopd.config import ConfigError, load_config
 from vaopd.rollout.vllm import vllm_available

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from tests.trainer_utils import tiny_config
+from trainer_utils import tiny_config
 from vaopd.eval import grade, main
 from vaopd.train import train
 

@@ -1,7 +1,7 @@
 """LoRA through peft: only the adapter trains, it is checkpointed, resumed and evaluated."""
 import json
 
-from tests.trainer_utils import max_diff, state, tiny_config
+from trainer_utils import max_diff, state, tiny_config
 from vaopd.eval import main as eval_main
 from vaopd.tiny import build_model, build_tokenizer
 from vaopd.models import base_model

@@ -8,7 +8,7 @@ import torch
 import vaopd.optim as optim_mod
 import vaopd.step as step_mod
 import vaopd.trainer as trainer_mod
-from tests.trainer_utils import max_diff, state, tiny_config
+from trainer_utils import max_diff, state, tiny_config
 from vaopd.build import build_setup
 from vaopd.data import tiny_records
 from vaopd.rollout import HFGenerate, encode_prompts

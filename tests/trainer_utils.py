@@ -1,7 +1,13 @@
-"""Shared helpers for the trainer tests: a tiny, fast config in a temporary run dir."""
+"""Shared helpers for the trainer tests: tiny, fast configs in a temporary run dir, run folders,
+data files, and the config spellings written before null meant "not set"."""
 from __future__ import annotations
 
+import hashlib
+import io
+import json
+
 import torch
+from PIL import Image
 
 from vaopd.config import load_config
 
@@ -29,6 +35,25 @@ def tiny_cli(tmp_path, *overrides: str, name: str = "run") -> list[str]:
     return [a for o in tiny_overrides(tmp_path, name) + list(overrides) for a in ("--set", o)]
 
 
+def validating_config(tmp_path, *overrides: str):
+    """``tiny_config`` validating on 2 tiny questions (1 sample each) after every one of 3 steps."""
+    return tiny_config(tmp_path, "data.val=tiny", "data.tiny_val_size=2", "eval.samples=1", "train.max_steps=3",
+                       "eval.every=1", *overrides)
+
+
+# The run-folder tests' settings, without a run folder: 2 steps of 2 prompts x 2 responses of at most
+# 4 new tokens, the default checkpointing, optimiser and warm-up.
+TINY = ["train.device=cpu", "train.precision=fp32", "train.prompts_per_step=2", "train.max_steps=2",
+        "rollout.samples_per_prompt=2", "rollout.max_new_tokens=4", "data.tiny_train_size=8", "data.val=",
+        "log.progress=false"]
+
+
+def folder_hash(path) -> dict:
+    """Every file under ``path`` with its SHA-256: equal before and after means nothing changed."""
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(path.rglob("*")) if p.is_file()}
+
+
 def state(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
@@ -45,3 +70,43 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def png_bytes(color=(200, 30, 30), size=(40, 30)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+# Every optional field's older spelling of "not set" (what a config.yaml written before null holds).
+OLD_UNSET = {
+    "data.val": "", "data.id_key": "", "data.image_root": "", "rollout.top_k": 0, "rollout.batch_prompts": 0,
+    "rollout.vllm.max_model_len": 0, "loss.chunk_size": 0, "optim.grad_clip": 0, "train.run_dir": "",
+    "train.micro_batch_prompts": 0, "train.max_steps": 0, "train.epochs": 0, "train.stop_after": 0,
+    "train.checkpoint_every": 0, "train.keep_checkpoints": -1, "eval.every": 0, "eval.max_questions": 0,
+    "eval.subset.count": 0, "log.wandb_project": "", "log.rollouts_every": 0,
+}
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """A nested dict as one level of dotted keys (``{"a": {"b": 1}}`` -> ``{"a.b": 1}``)."""
+    out = {}
+    for k, v in d.items():
+        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def unflatten(d: dict) -> dict:
+    """The inverse of ``flatten``."""
+    out: dict = {}
+    for key, value in d.items():
+        *parents, leaf = key.split(".")
+        node = out
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out

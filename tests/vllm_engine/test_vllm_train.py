@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from tests.trainer_utils import free_port, max_diff, state, tiny_config  # noqa: E402
+from trainer_utils import free_port, max_diff, state, tiny_config  # noqa: E402
 from vaopd.train import train  # noqa: E402
 
 
