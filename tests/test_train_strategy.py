@@ -154,3 +154,15 @@ def test_dry_run_counts_the_rollout_replica(tmp_path, capsys):
     assert f"rollout replica (fp32): {params * 4 / 1024 ** 3:.3f}" in capsys.readouterr().out
     assert main(["--dry-run", "--set", f"train.run_dir={tmp_path / 'r'}", "--set", "model.lora.enabled=true"]) == 0
     assert "rollout replica" not in capsys.readouterr().out
+
+
+def test_the_rollout_log_is_skipped_under_torchrun_only_where_rank_0_cannot_keep_it(tmp_path):
+    from vaopd.rollout_log import rollout_log_unavailable
+
+    replica = tiny_config(tmp_path, "log.rollouts_every=1")
+    assert rollout_log_unavailable(replica, distributed=False) is None
+    assert rollout_log_unavailable(replica, distributed=True) is None
+    for setting in ("distributed.teacher=fsdp", "rollout.engine=vllm"):
+        cfg = tiny_config(tmp_path, "log.rollouts_every=1", setting)
+        assert rollout_log_unavailable(cfg, distributed=False) is None
+        assert "distributed.teacher: replica and rollout.engine: hf" in rollout_log_unavailable(cfg, distributed=True)

@@ -147,7 +147,3 @@ def _check_distributed(cfg: Config, env: DistEnv) -> None:
                           f"than the {env.world_size} ranks; every rank needs one")
     if cfg.model.lora.enabled:
         raise ConfigError("model.lora.enabled: LoRA is not supported under torchrun; train it on one process")
-    if cfg.log.rollouts_every and (cfg.distributed.teacher != "replica" or cfg.rollout.engine != "hf"):
-        # Rank 0 logs alone (vaopd.rollout_log): it needs the full teacher and the sampling replica.
-        raise ConfigError("log.rollouts_every: under torchrun the rollout log needs distributed.teacher: replica and "
-                          "rollout.engine: hf; set it to 0")

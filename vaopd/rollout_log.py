@@ -19,7 +19,19 @@ from vaopd.rollout import PromptBatch
 from vaopd.scoring import ablated_view, response_hidden, teacher_hidden
 from vaopd.strategy import Sampled
 
-__all__ = ["RolloutLog", "write_rollouts"]
+__all__ = ["RolloutLog", "rollout_log_unavailable", "write_rollouts"]
+
+
+def rollout_log_unavailable(cfg: Config, distributed: bool) -> str | None:
+    """Why a run of ``cfg`` cannot keep the rollout log, or None.
+
+    Under torchrun rank 0 logs alone, so it needs the whole teacher (``distributed.teacher:
+    replica``) and an HF sampling replica (``rollout.engine: hf``). The log is a diagnostic: a run
+    without it trains the same, so the trainer says so and goes on rather than refusing the run.
+    """
+    if distributed and (cfg.distributed.teacher != "replica" or cfg.rollout.engine != "hf"):
+        return "under torchrun the rollout log needs distributed.teacher: replica and rollout.engine: hf"
+    return None
 
 
 class RolloutLog:

@@ -39,7 +39,7 @@ from vaopd.eval import evaluate, validation_questions
 from vaopd.metrics import JsonlError, MetricsLogger, truncate_jsonl
 from vaopd.models import resolve_device
 from vaopd.optim import build_optimizer, total_steps
-from vaopd.rollout_log import RolloutLog
+from vaopd.rollout_log import RolloutLog, rollout_log_unavailable
 from vaopd.runs import RunFolderError, clear_run, lock_run_folder, run_dir_of, start_run
 from vaopd.selection import BEST_FILE, is_better, read_best, write_best
 from vaopd.step import train_step
@@ -122,7 +122,11 @@ class Trainer:
             self.resume(self.resumed_from)
         self.first_step = self.step
         self.config_yaml = to_yaml(cfg)
-        self.rollout_log = RolloutLog(cfg, s, self.run_dir / "rollouts.jsonl") if cfg.log.rollouts_every else None
+        unavailable = rollout_log_unavailable(cfg, self.env is not None) if cfg.log.rollouts_every else None
+        if unavailable:
+            self.say(f"log.rollouts_every: {unavailable}; this run writes no rollouts.jsonl (set it to null to silence this)")
+        self.rollout_log = (RolloutLog(cfg, s, self.run_dir / "rollouts.jsonl")
+                            if cfg.log.rollouts_every and not unavailable else None)
 
     def _start_on_main(self, resume) -> tuple[Path | None, list[Path]]:
         """``vaopd.runs.start_run`` decided by rank 0 alone, holding the run folder's lock, and told
