@@ -149,6 +149,10 @@ class RolloutConfig(Section):
 class LossConfig(Section):
     method: Literal["va_opd", "opd"] = "va_opd"
     kl_estimator: Literal["full", "sampled"] = "full"
+    # The token visual advantage (vaopd.kernels.objective.visual_advantage): "sampled" (the paper),
+    # "two_sided" or "distribution". Part of the objective (--resume refuses a change); like
+    # high_fraction/high_weight it does nothing under method "opd".
+    va: Literal["sampled", "two_sided", "distribution"] = "sampled"
     high_fraction: float = setting(0.2, gt=0, le=1)
     high_weight: float = setting(0.5, ge=0, le=1)
     weight_temperature: float = setting(1.0, gt=0)

@@ -206,7 +206,7 @@ def train_step(cfg: Config, s: Setup, optimizer, scheduler, step: int, timer: Ti
     teacher = s.teacher if par is None or par.teacher is None else par.teacher
     compute_dtype = torch.bfloat16 if s.bf16 else torch.float32
     spec = LossSpec(method=cfg.loss.method, kl_estimator=cfg.loss.kl_estimator, weight_temperature=cfg.loss.weight_temperature,
-                    high_fraction=cfg.loss.high_fraction, high_weight=cfg.loss.high_weight)
+                    high_fraction=cfg.loss.high_fraction, high_weight=cfg.loss.high_weight, va=cfg.loss.va)
     loss_options = dict(spec=spec, vocab_size=s.vocab_size, num_prompts=P, backend=cfg.loss.backend,
                         chunk_size=cfg.loss.chunk_size or None)
     truncated = ~(torch.isin(tokens, torch.tensor(s.eos_ids)) & mask.bool()).any(dim=1)  # no EOS among the valid tokens
@@ -285,7 +285,7 @@ def train_step(cfg: Config, s: Setup, optimizer, scheduler, step: int, timer: Ti
     va = cfg.loss.method == "va_opd"
     return {
         "step": step + 1, "loss": loss_total, "kl": sums["kl_sum"] / sums["tokens"],
-        "va": sums["va_sum"] / sums["tokens"] if va else None,
+        "va": sums["va_sum"] / sums["tokens"] if va else None, "va_estimator": cfg.loss.va if va else None,
         "va_high_share": (sums["va_high"] / sums["va_sum"] if sums["va_sum"] > 0 else 0.0) if va else None,
         "va_max": sums["va_max"] if va else None,
         "response_len": sums["tokens"] / sums["responses"],
