@@ -75,7 +75,8 @@ def va_opd_loss(
             samples of one prompt, among which the rollout weights are normalised (OPD: ``K_g``,
             the group's size). Any values; they need not be dense or sorted.
         spec: the objective's settings (``LossSpec``: method, KL estimator, weight temperature,
-            high-group fraction and weight); ``LossSpec()`` is the paper's VA-OPD.
+            high-group fraction and weight, visual-advantage estimator); ``LossSpec()`` is the
+            paper's VA-OPD.
         vocab_size: ``V``, the tokenizer's vocabulary size: log-probs are normalised over
             ``[0, V)``. Default: the common LM-head width (an error when the heads differ).
         num_prompts: ``P``, the prompts in the optimizer step: the loss is a sum over responses
@@ -105,7 +106,7 @@ def va_opd_loss(
         ``(loss, stats)``: the fp32 scalar ``sum(coef * kl) / P`` with gradients to
         ``student_hidden`` and ``student_weight`` only, and a dict of ``[B, T]`` fp32 detached
         tensors, zero outside ``mask``: ``kl`` (the per-token KL, or its sampled estimate),
-        ``va`` (visual advantage; zero without an ablated view), ``coef`` (``c_t``, before the
+        ``va`` (visual advantage by ``spec.va``; zero without an ablated view), ``coef`` (``c_t``, before the
         division by ``P``), ``student_logp``, ``teacher_logp``, ``teacher_ablated_logp`` (NaN at
         valid tokens when no ablated view is given).
 
@@ -117,6 +118,8 @@ def va_opd_loss(
       (the clean teacher is recomputed), 5 with ``"sampled"``.
     - ``method="opd"``: 4 (clean teacher, student, two gradients), with or without a process
       group; 5 when ``teacher_ablated_hidden`` is given (its log-probs feed the VA stats).
+    - The same for every ``spec.va``: ``"distribution"`` takes the KL between the teacher's views
+      from their logits side by side in the buffers above (``distill.teacher_views``).
 
     A gradient is formed only when wanted: none under ``torch.no_grad()``/``inference_mode``, no
     weight gradient (and no fp32 accumulator) for a frozen LM head, no input gradient for hidden
