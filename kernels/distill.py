@@ -8,7 +8,10 @@ their gradient) and ``T [C/2, V]`` (teacher logits, half a chunk at a time).
 Per chunk, one pass (``distill_forward``):
 
 1. With an ablated view: its teacher logits (into ``G`` while it is free), and the row op
-   ``lse_gather`` gives the sampled-token log-probs.
+   ``lse_gather`` gives the sampled-token log-probs. With ``view_kl`` (the ``distribution``
+   visual advantage) the two teacher views' logits sit side by side instead, so the row op
+   ``reverse_kl_`` gives ``KL(pT(. | clean) || pT(. | ablated))`` and both sampled-token log-probs
+   from the products the pass makes anyway (``teacher_views``): no extra product.
 2. Student logits into ``G``; clean-teacher logits into ``T`` half a chunk at a time; the row op
    ``reverse_kl_`` gives each row's KL, the student's and the teacher's sampled-token log-probs
    in one sweep and overwrites ``G`` with ``dKL/ds`` in a second sweep. (With the sampled
@@ -44,8 +47,8 @@ from .checks import check_linear, resolve_vocab_size
 from .chunks import accumulate_fp32, chunk_rows, even_chunks, logits, row_ops, wanted
 
 # coefficients(chunk index, rows, teacher log-probs of the rows or None, ablated log-probs or
-# None) -> fp32 [rows] coefficients of the rows' KL in the loss.
-Coefficients = Callable[[int, slice, "torch.Tensor | None", "torch.Tensor | None"], torch.Tensor]
+# None, KL between the teacher's views or None) -> fp32 [rows] coefficients of the rows' KL in the loss.
+Coefficients = Callable[[int, slice, "torch.Tensor | None", "torch.Tensor | None", "torch.Tensor | None"], torch.Tensor]
 
 
 @dataclass
@@ -57,6 +60,7 @@ class DistillRows:
     student_logp: torch.Tensor | None  # None without tokens
     teacher_logp: torch.Tensor | None  # None without tokens
     ablated_logp: torch.Tensor | None  # None without an ablated view
+    view_kl: torch.Tensor | None  # KL(pT(.|clean) || pT(.|ablated)); None unless asked for
     grad_hidden: torch.Tensor | None  # [N, D_S]: fp32 for fp16 inputs, else their dtype
     grad_weight: torch.Tensor | None  # [V_S, D_S] fp32
 
@@ -72,6 +76,23 @@ def _lse_gather_rows(hidden, weight, tokens, rows, buffer, lse, logp, ops):
     for start in range(rows.start, rows.stop, step):
         r = slice(start, min(start + step, rows.stop))
         ops.lse_gather(logits(hidden[r], weight, buffer), tokens[r], lse[r], logp[r])
+
+
+def teacher_views(clean_hidden, ablated_hidden, weight, tokens, rows, buffer, view_kl, clean_logp, ablated_logp, ops):
+    """Per row of ``rows``: ``KL(pT(. | clean) || pT(. | ablated))`` into ``view_kl`` and each view's
+    sampled-token log-prob into ``clean_logp`` / ``ablated_logp`` (``[N]`` fp32).
+
+    The two views' logits (``hidden @ weight.T``, ``weight`` already cut to the vocabulary) go
+    side by side into the two halves of ``buffer`` (``[2m, V]``, ``m >= 1``), ``m`` rows at a time:
+    one LM-head product per view, as for their log-probs alone. The row op is ``reverse_kl_`` with
+    the clean view in the student's place.
+    """
+    half = buffer.shape[0] // 2
+    for start in range(rows.start, rows.stop, half):
+        r = slice(start, min(start + half, rows.stop))
+        clean = logits(clean_hidden[r], weight, buffer[:half])
+        ablated = logits(ablated_hidden[r], weight, buffer[half: 2 * half])
+        ops.reverse_kl_(clean, ablated, tokens[r], view_kl[r], clean_logp[r], False, ablated_logp[r])
 
 
 def _scaled_rows(hidden: torch.Tensor, coef: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -90,7 +111,7 @@ def _scaled_rows(hidden: torch.Tensor, coef: torch.Tensor) -> tuple[torch.Tensor
 
 def distill_forward(
     student_hidden, student_weight, teacher_hidden, teacher_weight, tokens, chunks, coefficients: Coefficients,
-    *, vocab, chunk, ops, need_hidden, need_weight, ablated_hidden=None, teacher_logp=None, sampled=False,
+    *, vocab, chunk, ops, need_hidden, need_weight, ablated_hidden=None, teacher_logp=None, sampled=False, view_kl=False,
 ) -> DistillRows:
     """``sum(coef * KL)`` over token rows and, as wanted, its gradients, chunk by chunk.
 
@@ -106,11 +127,18 @@ def distill_forward(
             gradient) instead of the full reverse KL; needs ``tokens``.
         need_hidden, need_weight: which gradients to form. Without either, no gradient product
             runs and no ``[V, D_S]`` accumulator is allocated.
+        view_kl: also each row's ``KL(pT(. | clean) || pT(. | ablated))`` (``DistillRows.view_kl``,
+            and the callback's fifth argument); needs ``ablated_hidden`` and ``tokens`` and no
+            ``teacher_logp``.
 
     LM-head products: one per teacher view not given (clean, ablated), one for the student, one
-    per wanted gradient. Buffers: ``[C, V]`` of the student's dtype and ``[C/2, V]`` of the
-    teacher's (not needed, with the sampled estimate, when the teacher's dtype is the student's).
+    per wanted gradient, with or without ``view_kl``. Buffers: ``[C, V]`` of the student's dtype
+    and ``[C/2, V]`` of the teacher's (not needed, with the sampled estimate, when the teacher's
+    dtype is the student's); with ``view_kl`` and the full KL, the teacher buffer holds the two
+    views for ``C/4`` rows at a time.
     """
+    if view_kl and (ablated_hidden is None or tokens is None or teacher_logp is not None):
+        raise ValueError("view_kl needs ablated_hidden and tokens, and the clean teacher's logits (no teacher_logp)")
     n = student_hidden.shape[0]
     device = student_hidden.device
     ws, wt = student_weight[:vocab], teacher_weight[:vocab]
@@ -125,6 +153,7 @@ def distill_forward(
     write_t_logp = has_tok and teacher_logp is None
     t_logp = rows_f32() if write_t_logp else teacher_logp
     a_logp = rows_f32() if ablated_hidden is not None else None
+    v_kl = rows_f32() if view_kl else None
     # The gradients wait for backward's upstream gradient (a loss scale, say) in a format that
     # can hold them: fp16 would flush realistic values (~1e-7) to zero before the scale could
     # help, so fp16 inputs get an fp32 hidden-state gradient; bf16 has fp32's range.
@@ -133,22 +162,25 @@ def distill_forward(
     grad_weight = torch.zeros(student_weight.shape, dtype=torch.float32, device=device) if need_weight else None
 
     longest = max((end - start for start, end in chunks), default=0)
-    sub = max(1, min(chunk // 2, longest))
-    g_buffer = student_hidden.new_empty(longest, vocab)
+    # Teacher rows per full-KL row op; with view_kl both views share the teacher buffer.
+    sub = max(1, min(chunk // (4 if view_kl else 2), longest))
+    g_buffer = student_hidden.new_empty(max(longest, 2) if view_kl else longest, vocab)
     # Teacher-only logits (the ablated view; the clean view for the sampled estimate) go into the
     # student buffer while it is free, when the dtypes allow: whole-chunk products.
     shared = teacher_hidden.dtype == student_hidden.dtype
     needs_t_buffer = not sampled or (not shared and (ablated_hidden is not None or write_t_logp))
-    t_buffer = teacher_hidden.new_empty(sub, vocab) if needs_t_buffer and longest else None
+    t_buffer = teacher_hidden.new_empty(2 * sub if view_kl else sub, vocab) if needs_t_buffer and longest else None
     zeros = torch.zeros(longest if sampled and need_grad else 0, dtype=torch.float32, device=device)
 
     for index, (start, end) in enumerate(chunks):
         rows = slice(start, end)
         g = g_buffer[: end - start]
         scratch = g if shared else t_buffer
-        if ablated_hidden is not None:
+        if view_kl and sampled:
+            teacher_views(teacher_hidden, ablated_hidden, wt, tokens, rows, g_buffer if shared else t_buffer, v_kl, t_logp, a_logp, ops)
+        elif ablated_hidden is not None and not view_kl:
             _lse_gather_rows(ablated_hidden, wt, tokens, rows, scratch, lse, a_logp, ops)
-        if sampled and write_t_logp:
+        if sampled and write_t_logp and not view_kl:
             _lse_gather_rows(teacher_hidden, wt, tokens, rows, scratch, lse, t_logp, ops)
         h = student_hidden[rows]
         torch.matmul(h, ws.T, out=g)
@@ -158,12 +190,15 @@ def distill_forward(
         else:
             for sub_start in range(start, end, sub):
                 r = slice(sub_start, min(sub_start + sub, end))
+                if view_kl:  # both views side by side; the clean one stays for the student's KL
+                    teacher_views(teacher_hidden, ablated_hidden, wt, tokens, r, t_buffer, v_kl, t_logp, a_logp, ops)
                 ops.reverse_kl_(
-                    g[r.start - start: r.stop - start], logits(teacher_hidden[r], wt, t_buffer),
+                    g[r.start - start: r.stop - start], t_buffer[: r.stop - r.start] if view_kl else logits(teacher_hidden[r], wt, t_buffer),
                     tokens[r] if has_tok else None, kl[r], s_logp[r] if has_tok else None, need_grad,
-                    t_logp[r] if write_t_logp else None,
+                    t_logp[r] if write_t_logp and not view_kl else None,
                 )
-        c = coefficients(index, rows, None if t_logp is None else t_logp[rows], None if a_logp is None else a_logp[rows])
+        c = coefficients(index, rows, None if t_logp is None else t_logp[rows], None if a_logp is None else a_logp[rows],
+                         None if v_kl is None else v_kl[rows])
         coef[rows] = c
         if not need_grad:
             continue
@@ -175,7 +210,7 @@ def distill_forward(
         if need_weight:
             scaled, alpha = _scaled_rows(h, c)
             accumulate_fp32(grad_weight[:vocab], g.T, scaled, alpha=alpha)
-    return DistillRows(kl, coef, s_logp, t_logp, a_logp, grad_hidden, grad_weight)
+    return DistillRows(kl, coef, s_logp, t_logp, a_logp, v_kl, grad_hidden, grad_weight)
 
 
 class PrecomputedGradients(torch.autograd.Function):

@@ -29,9 +29,12 @@ __all__ = [
     "loss_coefficients",
     "va_opd_coefficients_nosync",
     "METHODS",
+    "VA_ESTIMATORS",
 ]
 
 METHODS = ("va_opd", "opd")
+# How a token's visual advantage is measured (``visual_advantage``); "sampled" is the paper's.
+VA_ESTIMATORS = ("sampled", "two_sided", "distribution")
 _EPS = 1e-6  # rollout_weights' default: added to the std of the sibling means
 
 
@@ -84,37 +87,75 @@ def _group_sum(values: torch.Tensor, index: torch.Tensor, groups: int) -> torch.
     return torch.zeros(groups, dtype=values.dtype, device=values.device).index_add_(0, index, values)
 
 
-def visual_advantage(logp_clean: torch.Tensor, logp_ablated: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Per-token visual advantage ``a_t = max(logp_clean - logp_ablated, 0)``.
+def visual_advantage(
+    logp_clean: torch.Tensor,
+    logp_ablated: torch.Tensor,
+    mask: torch.Tensor,
+    estimator: str = "sampled",
+    divergence: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-token visual advantage ``a_t``, by ``estimator`` (``VA_ESTIMATORS``):
+
+    - ``"sampled"`` (the paper): ``max(logp_clean - logp_ablated, 0)``;
+    - ``"two_sided"``: ``|logp_clean - logp_ablated|``, so a token the clean-image teacher rejects
+      and the ablated one accepts counts as vision-critical too;
+    - ``"distribution"``: ``max(divergence, 0)`` with ``divergence = KL(pT(. | clean, y_<t) ||
+      pT(. | ablated, y_<t))`` over the vocabulary at temperature 1 (the clamp only removes
+      rounding below 0): how much the teacher's next-token prediction depends on the image,
+      whatever token was sampled.
 
     Args:
         logp_clean: ``[B, T]`` float, teacher log-prob of the sampled token with the original image.
         logp_ablated: ``[B, T]`` float, the same with the ablated (e.g. pixelated) image.
         mask: ``[B, T]`` boolean-like valid-token mask.
+        estimator: one of ``VA_ESTIMATORS``.
+        divergence: ``[B, T]`` float, the teacher's per-position KL between its two views; required
+            with ``"distribution"`` and ignored otherwise.
 
     Returns:
         ``[B, T]`` fp32, detached, zero outside ``mask``. Values outside the mask (NaN padding
         included) are ignored; a non-finite value inside it raises ``ValueError``.
     """
+    check_va_estimator(estimator)
     _check_values(logp_clean, "logp_clean")
     _check_values(logp_ablated, "logp_ablated")
     if logp_clean.shape != logp_ablated.shape:
         raise ValueError(f"logp_clean {tuple(logp_clean.shape)} and logp_ablated {tuple(logp_ablated.shape)} must have the same shape")
     mask = as_mask(mask, logp_clean)
-    clean = logp_clean.detach().float()
-    ablated = logp_ablated.detach().float()
-    for name, x in (("logp_clean", clean), ("logp_ablated", ablated)):
+    named = [("logp_clean", logp_clean), ("logp_ablated", logp_ablated)]
+    if estimator == "distribution":
+        if divergence is None:
+            raise ValueError("estimator='distribution' needs divergence: the [B, T] KL(pT(.|clean) || pT(.|ablated)) per position")
+        _check_values(divergence, "divergence")
+        if divergence.shape != logp_clean.shape:
+            raise ValueError(f"divergence {tuple(divergence.shape)} must have the shape of logp_clean {tuple(logp_clean.shape)}")
+        named.append(("divergence", divergence))
+    checked = []
+    for name, x in named:
+        x = x.detach().float()
         bad = mask & ~torch.isfinite(x)
         if bad.any():
             where = torch.nonzero(bad)[0].tolist()
             raise ValueError(f"{name} has a non-finite value inside mask (first at [b, t] = {where})")
-    return _visual_advantage(clean, ablated, mask)
+        checked.append(x)
+    return _visual_advantage(checked[0], checked[1], mask, estimator, checked[2] if len(checked) > 2 else None)
 
 
-def _visual_advantage(clean: torch.Tensor, ablated: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def check_va_estimator(estimator: str, name: str = "estimator") -> None:
+    if estimator not in VA_ESTIMATORS:
+        raise ValueError(f"{name} must be one of {VA_ESTIMATORS}, got {estimator!r}")
+
+
+def _visual_advantage(clean: torch.Tensor, ablated: torch.Tensor, mask: torch.Tensor, estimator: str = "sampled",
+                      divergence: torch.Tensor | None = None) -> torch.Tensor:
     """``visual_advantage``'s math on checked fp32 ``[B, T]`` inputs and a bool mask."""
-    diff = (clean - ablated).clamp_min(0.0)
-    return torch.where(mask, diff, torch.zeros((), dtype=diff.dtype, device=diff.device))
+    if estimator == "sampled":
+        va = (clean - ablated).clamp_min(0.0)
+    elif estimator == "two_sided":
+        va = (clean - ablated).abs()
+    else:
+        va = divergence.float().clamp_min(0.0)
+    return torch.where(mask, va, torch.zeros((), dtype=va.dtype, device=va.device))
 
 
 def check_temperature(temperature: float, name: str = "temperature") -> None:
@@ -364,8 +405,10 @@ def va_opd_coefficients_nosync(
     temperature: float = 1.0,
     high_fraction: float = 0.2,
     high_weight: float = 0.5,
+    estimator: str = "sampled",
+    divergence: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``loss_coefficients("va_opd", visual_advantage(logp_clean, logp_ablated, mask), ...)`` of whole
+    """``loss_coefficients("va_opd", visual_advantage(logp_clean, logp_ablated, mask, estimator, divergence), ...)`` of whole
     sibling groups with no host-device synchronisation, for callers that know the batch layout
     (the fused loss's chunks).
 
@@ -374,6 +417,7 @@ def va_opd_coefficients_nosync(
 
     Args:
         logp_clean, logp_ablated: ``[B, T]`` fp32 teacher log-probs, any finite value outside ``mask``.
+        divergence: ``[B, T]`` fp32 KL between the teacher's views (``estimator="distribution"``), likewise.
         mask: ``[B, T]`` bool; every response has a valid token, and its siblings are all here.
         lengths: ``[B]`` int64, ``mask.sum(1)``.
         group_index: ``[B]`` int64 sibling-group index in ``[0, groups)``, every index used.
@@ -385,7 +429,8 @@ def va_opd_coefficients_nosync(
     """
     check_temperature(temperature)
     _check_split(high_fraction, high_weight)
-    va = _visual_advantage(logp_clean, logp_ablated, mask)
+    check_va_estimator(estimator)
+    va = _visual_advantage(logp_clean, logp_ablated, mask, estimator, divergence)
     weights = _rollout_weights(_response_means(va, mask, lengths), group_index, groups, temperature, _EPS)
     return _token_coefficients(va, mask, weights, lengths, top_k, high_fraction, high_weight)
 

@@ -67,8 +67,10 @@ def va_opd_loss_reference(
         teacher = log_probs(teacher_hidden, teacher_weight)
         teacher_logp = teacher.gather(-1, index).squeeze(-1)
         if teacher_ablated_hidden is not None:
-            ablated_logp = log_probs(teacher_ablated_hidden, teacher_weight).gather(-1, index).squeeze(-1)
-            va = visual_advantage(teacher_logp, ablated_logp, mask)
+            ablated = log_probs(teacher_ablated_hidden, teacher_weight)
+            ablated_logp = ablated.gather(-1, index).squeeze(-1)
+            divergence = (teacher.exp() * (teacher - ablated)).sum(dim=-1)  # KL(pT(.|clean) || pT(.|ablated))
+            va = visual_advantage(teacher_logp, ablated_logp, mask, spec.va, divergence)
         else:
             ablated_logp = torch.full_like(teacher_logp, float("nan"))
             va = torch.zeros_like(teacher_logp)

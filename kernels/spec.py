@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .objective import METHODS, check_high_fraction, check_high_weight, check_temperature
+from .objective import METHODS, check_high_fraction, check_high_weight, check_temperature, check_va_estimator
 
 KL_ESTIMATORS = ("full", "sampled")
 
@@ -23,8 +23,13 @@ class LossSpec:
             (``vaopd.kernels.objective.rollout_weights``); log-probs are always at temperature 1.
         high_fraction: share of each response's tokens in its high-VA group, in ``(0, 1]``.
         high_weight: share of a response's weight given to its high group, in ``[0, 1]``.
+        va: how a token's visual advantage is measured, one of ``objective.VA_ESTIMATORS``
+            (``vaopd.kernels.objective.visual_advantage``): ``"sampled"`` (the paper's
+            ``max(log pT(y_t | clean) - log pT(y_t | ablated), 0)``), ``"two_sided"`` (its absolute
+            value) or ``"distribution"`` (``KL(pT(. | clean) || pT(. | ablated))`` at the position).
 
-    The last three matter only for ``method="va_opd"`` and are checked whatever the method.
+    The last four matter only for ``method="va_opd"`` and are checked whatever the method; with
+    ``"opd"``, ``va`` only chooses what the ``va`` statistic reports (when an ablated view is given).
     Invalid values raise ``ValueError`` naming the field.
     """
 
@@ -33,6 +38,7 @@ class LossSpec:
     weight_temperature: float = 1.0
     high_fraction: float = 0.2
     high_weight: float = 0.5
+    va: str = "sampled"
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -42,3 +48,4 @@ class LossSpec:
         check_temperature(self.weight_temperature, "LossSpec.weight_temperature")
         check_high_fraction(self.high_fraction, "LossSpec.high_fraction")
         check_high_weight(self.high_weight, "LossSpec.high_weight")
+        check_va_estimator(self.va, "LossSpec.va")

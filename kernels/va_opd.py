@@ -24,7 +24,7 @@ import torch
 
 from .checks import check_loss_inputs
 from .chunks import chunk_rows, even_chunks, row_ops, wanted
-from .distill import Coefficients, attach, distill_forward
+from .distill import Coefficients, attach, distill_forward, teacher_views
 from .logprobs import linear_logprobs_forward
 from .objective import loss_coefficients, va_opd_coefficients_nosync, visual_advantage
 from .spec import LossSpec
@@ -75,7 +75,8 @@ def va_opd_loss(
             samples of one prompt, among which the rollout weights are normalised (OPD: ``K_g``,
             the group's size). Any values; they need not be dense or sorted.
         spec: the objective's settings (``LossSpec``: method, KL estimator, weight temperature,
-            high-group fraction and weight); ``LossSpec()`` is the paper's VA-OPD.
+            high-group fraction and weight, visual-advantage estimator); ``LossSpec()`` is the
+            paper's VA-OPD.
         vocab_size: ``V``, the tokenizer's vocabulary size: log-probs are normalised over
             ``[0, V)``. Default: the common LM-head width (an error when the heads differ).
         num_prompts: ``P``, the prompts in the optimizer step: the loss is a sum over responses
@@ -105,7 +106,7 @@ def va_opd_loss(
         ``(loss, stats)``: the fp32 scalar ``sum(coef * kl) / P`` with gradients to
         ``student_hidden`` and ``student_weight`` only, and a dict of ``[B, T]`` fp32 detached
         tensors, zero outside ``mask``: ``kl`` (the per-token KL, or its sampled estimate),
-        ``va`` (visual advantage; zero without an ablated view), ``coef`` (``c_t``, before the
+        ``va`` (visual advantage by ``spec.va``; zero without an ablated view), ``coef`` (``c_t``, before the
         division by ``P``), ``student_logp``, ``teacher_logp``, ``teacher_ablated_logp`` (NaN at
         valid tokens when no ablated view is given).
 
@@ -117,6 +118,8 @@ def va_opd_loss(
       (the clean teacher is recomputed), 5 with ``"sampled"``.
     - ``method="opd"``: 4 (clean teacher, student, two gradients), with or without a process
       group; 5 when ``teacher_ablated_hidden`` is given (its log-probs feed the VA stats).
+    - The same for every ``spec.va``: ``"distribution"`` takes the KL between the teacher's views
+      from their logits side by side in the buffers above (``distill.teacher_views``).
 
     A gradient is formed only when wanted: none under ``torch.no_grad()``/``inference_mode``, no
     weight gradient (and no fp32 accumulator) for a frozen LM head, no input gradient for hidden
@@ -241,7 +244,7 @@ def _pack_coefficients(layouts, mask, coef_rows, *, num_prompts, spec: LossSpec)
     out by the chunk's ``PackLayout`` (device tensors): no host-device synchronisation.
     Also writes the chunk's coefficients (before ``/ num_prompts``) into ``coef_rows``, for the stats."""
 
-    def coefficients(index, rows, clean, ablated):
+    def coefficients(index, rows, clean, ablated, divergence):
         layout = layouts[index]
         sub_mask = mask.index_select(0, layout.members)
 
@@ -251,6 +254,7 @@ def _pack_coefficients(layouts, mask, coef_rows, *, num_prompts, spec: LossSpec)
         coef = va_opd_coefficients_nosync(
             spread(clean), spread(ablated), sub_mask, layout.lengths, layout.group_index, layout.groups, layout.top_k,
             spec.weight_temperature, spec.high_fraction, spec.high_weight,
+            estimator=spec.va, divergence=None if divergence is None else spread(divergence),
         )
         coef_rows[rows] = coef.reshape(-1).index_select(0, layout.where)
         return coef_rows[rows] / num_prompts
@@ -308,7 +312,9 @@ def chunked_va_opd_loss(
     teacher_rows = take(teacher_hidden.detach())
     ablated_rows = None if teacher_ablated_hidden is None else take(teacher_ablated_hidden.detach())
     t_weight = teacher_weight.detach()
-    teacher_logp = ablated_logp = coef = None
+    # The distribution VA needs both teacher views' logits of a row at once (distill.teacher_views).
+    view_kl = spec.va == "distribution" and ablated_rows is not None
+    teacher_logp = ablated_logp = divergence = coef = None
     with torch.no_grad():
         if packs is not None:  # one pass: each chunk's coefficients from its own teacher log-probs
             coef_rows = torch.zeros(n, dtype=torch.float32, device=device)
@@ -320,19 +326,26 @@ def chunked_va_opd_loss(
         else:  # coefficients known before the pass
             chunks = even_chunks(n, chunk)
             if method == "va_opd":  # phase A: both teacher views for every row, then the coefficients
-                teacher_logp, _ = linear_logprobs_forward(teacher_rows, t_weight, tok, vocab, chunk, ops)
-                ablated_logp, _ = linear_logprobs_forward(ablated_rows, t_weight, tok, vocab, chunk, ops)
-                coef = loss_coefficients(
-                    method, visual_advantage(scatter(teacher_logp), scatter(ablated_logp), mask), mask, group_ids,
-                    spec.weight_temperature, spec.high_fraction, spec.high_weight, process_group,
-                )
+                if view_kl:  # the two views side by side in one [chunk, V] buffer
+                    teacher_logp, ablated_logp, divergence = (torch.empty(n, dtype=torch.float32, device=device) for _ in range(3))
+                    buffer = teacher_rows.new_empty(max(2, min(chunk, 2 * n)), vocab)
+                    teacher_views(teacher_rows, ablated_rows, t_weight[:vocab], tok, slice(0, n), buffer, divergence,
+                                  teacher_logp, ablated_logp, ops)
+                    del buffer
+                else:
+                    teacher_logp, _ = linear_logprobs_forward(teacher_rows, t_weight, tok, vocab, chunk, ops)
+                    ablated_logp, _ = linear_logprobs_forward(ablated_rows, t_weight, tok, vocab, chunk, ops)
+                va = visual_advantage(scatter(teacher_logp), scatter(ablated_logp), mask, spec.va,
+                                      None if divergence is None else scatter(divergence))
+                coef = loss_coefficients(method, va, mask, group_ids, spec.weight_temperature, spec.high_fraction,
+                                         spec.high_weight, process_group)
             elif process_group is None:  # OPD: coefficients from the mask alone, so from its host copy
                 coef, = _upload([loss_coefficients(method, torch.zeros(host_mask.shape), host_mask, host_ids)], device)
             else:
                 coef = loss_coefficients(method, torch.zeros(mask.shape, device=device), mask, group_ids, process_group=process_group)
             scaled_coef = take(coef) / num_prompts
 
-            def coefficients(index, rows, clean, ablated):
+            def coefficients(index, rows, *views):
                 return scaled_coef[rows]
 
     student_rows = take(student_hidden)
@@ -342,10 +355,10 @@ def chunked_va_opd_loss(
             student_rows.detach(), student_weight.detach(), teacher_rows, t_weight, tok, chunks, coefficients,
             vocab=vocab, chunk=chunk, ops=ops, need_hidden=need_hidden, need_weight=need_weight,
             ablated_hidden=None if ablated_logp is not None else ablated_rows, teacher_logp=teacher_logp,
-            sampled=spec.kl_estimator == "sampled",
+            sampled=spec.kl_estimator == "sampled", view_kl=view_kl and ablated_logp is None,
         )
         if result.ablated_logp is not None:
-            ablated_logp = result.ablated_logp
+            ablated_logp, divergence = result.ablated_logp, result.view_kl
         if packs is not None:
             coef = scatter(coef_rows)
         # The VA as a statistic, after the loop (where visual_advantage's check of the teacher's
@@ -353,7 +366,8 @@ def chunked_va_opd_loss(
         if ablated_logp is None:
             va = torch.zeros(mask.shape, device=device)
         else:
-            va = visual_advantage(scatter(result.teacher_logp), scatter(ablated_logp), mask)
+            va = visual_advantage(scatter(result.teacher_logp), scatter(ablated_logp), mask, spec.va,
+                                  None if divergence is None else scatter(divergence))
         stats = {
             "kl": scatter(result.kl),
             "va": va,

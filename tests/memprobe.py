@@ -1,6 +1,7 @@
 """Peak extra anonymous memory of one loss forward+backward, in a fresh process.
 
-Usage: python memprobe.py {reference|torch} TOKENS VOCAB [CHUNK]; prints the peak growth in bytes
+Usage: python memprobe.py {reference|torch} TOKENS VOCAB [CHUNK [VA]] (CHUNK "default" for the
+kernel's default; VA a ``LossSpec.va`` estimator, default "sampled"); prints the peak growth in bytes
 of the process's anonymous resident memory (``RssAnon``) over its value just before the call
 (inputs already built), minus the returned gradients.
 
@@ -16,7 +17,7 @@ import time
 
 import torch
 
-from vaopd.kernels import va_opd_loss, va_opd_loss_reference
+from vaopd.kernels import LossSpec, va_opd_loss, va_opd_loss_reference
 
 
 def rss_anon_bytes() -> int:
@@ -48,7 +49,8 @@ class PeakSampler(threading.Thread):
 
 def main():
     impl, tokens, vocab = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-    chunk = int(sys.argv[4]) if len(sys.argv) > 4 else None
+    chunk = int(sys.argv[4]) if len(sys.argv) > 4 and sys.argv[4] != "default" else None
+    spec = LossSpec(va=sys.argv[5] if len(sys.argv) > 5 else "sampled")
     torch.manual_seed(0)
     torch.set_num_threads(1)
     # Responses of 256 tokens in sibling groups of 4: 1,024-token groups at every token count, so
@@ -63,10 +65,11 @@ def main():
     small = [a[:, :2] if a.dim() >= 2 and a.shape[0] == b else a for a in args]
     # Warm up on a tiny batch so one-time library allocations are not counted.
     if impl == "reference":
-        fn = va_opd_loss_reference
+        def fn(*a):
+            return va_opd_loss_reference(*a, spec=spec)
     else:
         def fn(*a):
-            return va_opd_loss(*a, backend="torch", chunk_size=chunk)
+            return va_opd_loss(*a, spec=spec, backend="torch", chunk_size=chunk)
     fn(*small)[0].backward()
     for a in args[:2]:
         a.grad = None

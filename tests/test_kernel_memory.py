@@ -10,8 +10,8 @@ pytestmark = pytest.mark.slow  # each test starts fresh processes that build [to
 PROBE = os.path.join(os.path.dirname(__file__), "memprobe.py")
 
 
-def peak_extra(impl: str, tokens: int, vocab: int, chunk: int | None = None) -> int:
-    cmd = [sys.executable, PROBE, impl, str(tokens), str(vocab)] + ([str(chunk)] if chunk else [])
+def peak_extra(impl: str, tokens: int, vocab: int, chunk: int | None = None, va: str = "sampled") -> int:
+    cmd = [sys.executable, PROBE, impl, str(tokens), str(vocab), str(chunk or "default"), va]
     # A fixed mmap threshold makes glibc hand every large block back to the OS when freed, so the
     # resident size follows live memory (glibc's sliding threshold otherwise keeps some freed chunks).
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
@@ -45,3 +45,15 @@ def test_two_phase_fallback_is_flat_in_tokens():
     report = f"two-phase torch path 1K/4K tokens {fused_1k / MIB:.0f}/{fused_4k / MIB:.0f} MiB"
     assert fused_4k < 1.5 * 256 * 32000 * 4 + 48 * MIB, report
     assert fused_4k - fused_1k < 16 * MIB, report
+
+
+def test_distribution_va_keeps_both_paths_within_the_same_buffers():
+    # The two teacher views side by side reuse the teacher buffer (one pass) or phase A's chunk
+    # buffer (two phases): the same bound as the sampled VA, flat in tokens.
+    one_pass = peak_extra("torch", 2048, 32000, va="distribution")
+    two_1k = peak_extra("torch", 1024, 32000, 256, va="distribution")
+    two_4k = peak_extra("torch", 4096, 32000, 256, va="distribution")
+    report = f"distribution VA: one pass 2K tokens {one_pass / MIB:.0f} MiB, two phases 1K/4K {two_1k / MIB:.0f}/{two_4k / MIB:.0f} MiB"
+    assert one_pass < 1.5 * 1024 * 32000 * 4 + 48 * MIB, report
+    assert two_4k < 1.5 * 256 * 32000 * 4 + 48 * MIB, report
+    assert two_4k - two_1k < 16 * MIB, report

@@ -151,6 +151,10 @@ class RolloutConfig(Section):
 class LossConfig(Section):
     method: Literal["va_opd", "opd"] = "va_opd"
     kl_estimator: Literal["full", "sampled"] = "full"
+    # The token visual advantage (vaopd.kernels.objective.visual_advantage): "sampled" (the paper),
+    # "two_sided" or "distribution". Part of the objective (--resume refuses a change); like
+    # high_fraction/high_weight it does nothing under method "opd".
+    va: Literal["sampled", "two_sided", "distribution"] = "sampled"
     high_fraction: float = setting(0.2, gt=0, le=1)
     high_weight: float = setting(0.5, ge=0, le=1)
     weight_temperature: float = setting(1.0, gt=0)
@@ -166,7 +170,7 @@ class LossConfig(Section):
     def spec(self) -> LossSpec:
         """The objective's settings as the fused loss and the reference take them."""
         return LossSpec(method=self.method, kl_estimator=self.kl_estimator, weight_temperature=self.weight_temperature,
-                        high_fraction=self.high_fraction, high_weight=self.high_weight)
+                        high_fraction=self.high_fraction, high_weight=self.high_weight, va=self.va)
 
 
 class OptimConfig(Section):

@@ -60,8 +60,11 @@ def find_runs(root: Path) -> list[Path]:
 
 
 def run_method(run: Path) -> str:
+    """The run's ``loss.method``, as ``va_opd:<loss.va>`` for a VA-OPD run with a non-paper VA estimator."""
     config = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8")) if (run / "config.yaml").is_file() else {}
-    return (config.get("loss") or {}).get("method", "?")
+    loss = config.get("loss") or {}
+    method, va = loss.get("method", "?"), loss.get("va", "sampled")
+    return f"{method}:{va}" if method == "va_opd" and va != "sampled" else method
 
 
 def _high_share(r: dict) -> float:

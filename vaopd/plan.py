@@ -90,7 +90,8 @@ def build_plan(cfg: Config) -> str:
         + (f", {len(val_data)} validation records from {val_data.source}" if val_data else ", no validation"),
         f"  steps: {steps} ({P} prompts x {K} responses = {P * K} responses per step, "
         f"{P // mb} micro-batch(es) of {mb} prompts; {steps * P / len(train_data):.2f} epochs)",
-        f"  method: {cfg.loss.method} (kl {cfg.loss.kl_estimator}, ablation {cfg.loss.ablation if cfg.loss.method == 'va_opd' else 'none'})",
+        f"  method: {cfg.loss.method} (kl {cfg.loss.kl_estimator}, "
+        + (f"va {cfg.loss.va}, ablation {cfg.loss.ablation})" if cfg.loss.method == "va_opd" else "ablation none)"),
         f"  sequence: prompt ~{prompt_len} tokens + up to {cfg.rollout.max_new_tokens} new",
         "  rollout: " + (("transformers generate on the student itself (LoRA; the KV cache below)" if cfg.model.lora.enabled
                           else "transformers generate on an inference copy of the student (its weights and KV cache below)")

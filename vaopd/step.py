@@ -209,7 +209,7 @@ def train_step(cfg: Config, s: Setup, optimizer, scheduler, step: int, timer: Ti
         scheduler.step()
     elapsed = time.perf_counter() - start
     return {
-        "step": step + 1, **_step_metrics(sums, loss_total, va=cfg.loss.method == "va_opd", scored=non_finite not in ("rollout", "teacher")),
+        "step": step + 1, "va_estimator": cfg.loss.va if cfg.loss.method == "va_opd" else None, **_step_metrics(sums, loss_total, va=cfg.loss.method == "va_opd", scored=non_finite not in ("rollout", "teacher")),
         "tokens_per_s": sums["tokens"] / elapsed if "tokens" in sums else math.nan, "grad_norm": grad_norm, "lr": lr,
         "skipped": non_finite is not None, "non_finite": non_finite,
         "time": elapsed, **{f"time_{k}": v for k, v in timer.times.items()},

@@ -18,14 +18,20 @@ Two regimes (``REGIMES``), each a set of ``Settings`` and a trainer config:
    visual reliance; see ``vaopd.toy.analysis``), and the teacher-forced measurements at the digit
    readings (reading accuracy, VA of teacher and student, KL at correct and at wrong readings;
    ``vaopd.toy.readings``).
-4. For every seed, distil the student with OPD and with VA-OPD under the regime's config: the
-   same student checkpoint, data order, steps and settings, only ``loss.method`` differs
-   (``OUT/runs/<method>_s<seed>``, with ``rollouts.jsonl`` for the inspect page). Then measure each
-   final student the same way. Jobs run in ``--workers`` processes with one thread each: these
-   models are too small for threads to help, and the machine has two cores.
-5. Write ``OUT/results.json``, ``OUT/results.md`` (the tables, with the VA-OPD minus OPD
-   difference paired by seed: mean and a 95 % t-interval) and ``OUT/inspect/`` (HTML page and
-   curves, as ``python -m vaopd.inspect OUT/runs`` would).
+   Also where each objective puts its loss weight on the student's own rollouts: the share on
+   right and on wrong digit readings (``vaopd.toy.readings.loss_weight_probe``).
+4. For every seed, distil the student with each objective of ``--methods`` (``opd``, ``va_opd``,
+   and VA-OPD with another visual-advantage estimator, ``va_opd:two_sided`` or
+   ``va_opd:distribution``) under the regime's config: the same student checkpoint, data order,
+   steps and settings, only ``loss.method`` and ``loss.va`` differ
+   (``OUT/runs/<method>_s<seed>``, ``:`` written ``_``, with ``rollouts.jsonl`` for the inspect
+   page). Then measure each final student the same way; a finished run's measurements are kept in
+   its ``result.json`` and reused by a rerun with the same settings. Jobs run in ``--workers``
+   processes with one thread each: these models are too small for threads to help, and the
+   machine has two cores.
+5. Write ``OUT/results.json``, ``OUT/results.md`` (the tables, with each objective minus OPD
+   paired by seed: mean and a 95 % t-interval) and ``OUT/inspect/`` (HTML page and curves, as
+   ``python -m vaopd.inspect OUT/runs`` would).
 
 ``--quick`` shrinks everything for a smoke test.
 """
@@ -46,6 +52,7 @@ import multiprocessing
 import torch
 
 from vaopd import torchvision_ops  # noqa: F401  first: transformers may import torchvision (see there)
+from vaopd.toy.readings import OBJECTIVES
 
 __all__ = ["Settings", "REGIMES", "QUICK", "settings_for", "paired_differences", "t_quantile", "sweep", "run", "main"]
 
@@ -121,7 +128,7 @@ def _measure(model_dir: Path, teacher_dir: Path, data: Path, st: Settings, seed:
     """Accuracy per kind and the visual profile of ``model_dir`` on the test split."""
     from vaopd.config import load_config
     from vaopd.toy.analysis import accuracy_by_kind, visual_profile
-    from vaopd.toy.readings import reading_probe
+    from vaopd.toy.readings import loss_weight_probe, reading_probe
     from vaopd.toy.sft import load_split
     from vaopd.models import load_pretrained
 
@@ -142,6 +149,11 @@ def _measure(model_dir: Path, teacher_dir: Path, data: Path, st: Settings, seed:
         "readings": reading_probe(model, teacher, tokenizer, image_processor, records, rows, samples=st.reading_samples,
                                   temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, seed=seed,
                                   pixelate_factor=cfg.loss.pixelate_factor),
+        "weights": loss_weight_probe(model, teacher, tokenizer, image_processor, records, rows,
+                                     samples=cfg.rollout.samples_per_prompt, temperature=cfg.rollout.temperature,
+                                     top_p=cfg.rollout.top_p, max_new_tokens=st.max_new_tokens, seed=seed,
+                                     pixelate_factor=cfg.loss.pixelate_factor, high_fraction=cfg.loss.high_fraction,
+                                     high_weight=cfg.loss.high_weight, weight_temperature=cfg.loss.weight_temperature),
     }
 
 
@@ -151,11 +163,18 @@ def _measure_job(model_dir: Path, teacher_dir: Path, data: Path, st: Settings, s
     return _measure(model_dir, teacher_dir, data, st, seed)
 
 
+def run_name(method: str) -> str:
+    """A run folder's name for an objective label (``va_opd:two_sided`` -> ``va_opd_two_sided``)."""
+    return method.replace(":", "_")
+
+
 def _distill(out: Path, st: Settings, method: str, seed: int, lr: float | None = None) -> dict:
     """One distillation run and the measurement of its final student (runs in a worker process).
 
-    ``lr``: None for the config's learning rate (``OUT/runs/<method>_s<seed>``), else a sweep
-    point (``OUT/sweep/<method>_lr<lr>_s<seed>``).
+    ``method``: an objective label (``vaopd.toy.readings.OBJECTIVES``). ``lr``: None for the
+    config's learning rate (``OUT/runs/<name>_s<seed>``), else a sweep point
+    (``OUT/sweep/<name>_lr<lr>_s<seed>``). A run whose ``result.json`` records the same settings
+    is not run again: its result is returned.
     """
     torch.set_num_threads(1)
     from transformers.utils import logging as hf_logging
@@ -165,21 +184,33 @@ def _distill(out: Path, st: Settings, method: str, seed: int, lr: float | None =
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
-    run_dir = out / "runs" / f"{method}_s{seed}" if lr is None else out / "sweep" / f"{method}_lr{lr:g}_s{seed}"
+    name = run_name(method)
+    run_dir = out / "runs" / f"{name}_s{seed}" if lr is None else out / "sweep" / f"{name}_lr{lr:g}_s{seed}"
     data = out / "data"
+    loss_method, _, va = method.partition(":")
+    stamp = {"settings": {k: v for k, v in asdict(st).items() if k not in ("seeds", "methods", "workers", "sweep_lrs")},
+             "method": method, "seed": seed, "lr": lr}
+    done = run_dir / "result.json"
+    if done.is_file():
+        saved = json.loads(done.read_text(encoding="utf-8"))
+        if saved.get("stamp") == json.loads(json.dumps(stamp)):
+            return saved["result"]
     cfg = load_config(CONFIGS / st.config, [
         f"model.student={out / 'student'}", f"model.teacher={out / 'teacher'}",
         f"data.train={data / 'train.jsonl'}", f"data.val={data / 'val.jsonl'}",
-        f"train.run_dir={run_dir}", f"train.seed={seed}", f"loss.method={method}",
+        f"train.run_dir={run_dir}", f"train.seed={seed}", f"loss.method={loss_method}", f"loss.va={va or 'sampled'}",
         f"train.max_steps={st.distill_steps}", f"rollout.max_new_tokens={st.max_new_tokens}",
         f"eval.max_new_tokens={st.max_new_tokens}", *st.extra, *([f"optim.lr={lr}"] if lr is not None else []),
     ])
     start = time.perf_counter()
-    result = train(cfg)
+    result = train(cfg, overwrite=True)
     seconds = time.perf_counter() - start
     measured = _measure(result.checkpoint / "model", out / "teacher", data, st, seed=1000 + seed)
-    return {"method": method, "seed": seed, "lr": cfg.optim.lr, "train_seconds": seconds, "run_dir": str(run_dir),
-            **measured}
+    # The share of its own objective's weight on the readings, the number compared across methods.
+    measured["weights"]["own"] = measured["weights"][method]
+    run = {"method": method, "seed": seed, "lr": cfg.optim.lr, "train_seconds": seconds, "run_dir": str(run_dir), **measured}
+    done.write_text(json.dumps({"stamp": stamp, "result": run}, indent=1), encoding="utf-8")
+    return run
 
 
 def _sft(out: Path, st: Settings) -> dict:
@@ -228,7 +259,7 @@ def _flat(d: dict, prefix: str = "") -> dict[str, float]:
 
 
 def _measurements(run: dict) -> dict[str, float]:
-    return _flat({k: run[k] for k in ("accuracy", "profile", "readings")})
+    return _flat({k: run[k] for k in ("accuracy", "profile", "readings", "weights") if k in run})
 
 
 def t_quantile(p: float, df: int) -> float:
@@ -253,19 +284,19 @@ def t_quantile(p: float, df: int) -> float:
     return (low + high) / 2
 
 
-def paired_differences(runs: list[dict], level: float = 0.95) -> dict[str, dict]:
-    """VA-OPD minus OPD for every measurement, paired by seed: mean and a ``level`` t-interval.
+def paired_differences(runs: list[dict], level: float = 0.95, method: str = "va_opd", baseline: str = "opd") -> dict[str, dict]:
+    """``method`` minus ``baseline`` for every measurement, paired by seed: mean and a ``level`` t-interval.
 
     Only seeds with both methods count. With ``n`` pairs and differences ``d``, the interval is
     ``mean(d) +- t((1 + level) / 2, n - 1) * sd(d) / sqrt(n)`` (NaN bounds for a single pair).
     """
     by = {(r["method"], r["seed"]): _measurements(r) for r in runs}
-    seeds = sorted({s for m, s in by if (("opd", s) in by and ("va_opd", s) in by)})
+    seeds = sorted({s for m, s in by if ((baseline, s) in by and (method, s) in by)})
     out = {}
     if not seeds:
         return out
-    for key in by[("opd", seeds[0])]:
-        d = [by[("va_opd", s)].get(key, math.nan) - by[("opd", s)][key] for s in seeds]
+    for key in by[(baseline, seeds[0])]:
+        d = [by[(method, s)].get(key, math.nan) - by[(baseline, s)].get(key, math.nan) for s in seeds]
         d = [x for x in d if not math.isnan(x)]
         if not d:
             continue
@@ -294,6 +325,14 @@ READING_COLUMNS = [
     ("readings.all.kl_correct", "KL at right readings"), ("readings.all.kl_wrong", "KL at wrong readings"),
     ("readings.first.kl_correct", "KL at right first readings"), ("readings.first.kl_wrong", "KL at wrong first readings"),
 ]
+WEIGHT_COLUMNS = [
+    ("weights.own.wrong", "own weight on wrong readings"), ("weights.own.right", "own weight on right readings"),
+    ("weights.own.per_wrong_token", "own weight per wrong reading / mean"),
+    ("weights.opd.wrong", "OPD weight on wrong"), ("weights.va_opd.wrong", "sampled VA weight on wrong"),
+    ("weights.va_opd:two_sided.wrong", "two-sided VA weight on wrong"),
+    ("weights.va_opd:distribution.wrong", "distribution VA weight on wrong"),
+    ("weights.counts.wrong_readings", "wrong readings"), ("weights.counts.readings", "readings"),
+]
 PROFILE_COLUMNS = [
     ("profile.detail.student_reliance_per_token", "student reliance / token (detail)"),
     ("profile.detail.student_reliance_high_tokens", "student reliance on teacher-high tokens (detail)"),
@@ -317,16 +356,16 @@ def _table(results: dict) -> str:
     # The teacher's row measures it on its own rollouts and against itself (KL 0): what reading the digits looks like.
     rows = [("teacher (SFT, own rollouts)", _summary([results["teacher"]])),
             ("student before (SFT)", _summary([results["student_before"]]))]
-    for method in ("opd", "va_opd"):
-        if method in results["summary"]:
-            n = len([r for r in results["runs"] if r["method"] == method])
-            rows.append((f"{method} after ({n} seeds)", results["summary"][method]))
-    diff = results.get("difference", {})
-    if diff:
-        n = next(iter(diff.values()))["n"]
-        rows.append((f"va_opd - opd (paired by seed, n={n}; mean [95 % t-interval])", diff))
-    lines = [f"Regime `{results['settings']['regime']}` (mean ± sample std over seeds; the last row: the paired difference).", ""]
-    for columns in (READING_COLUMNS, PROFILE_COLUMNS):
+    for method, summary in results["summary"].items():
+        n = len([r for r in results["runs"] if r["method"] == method])
+        rows.append((f"{method} after ({n} seeds)", summary))
+    for method, diff in results.get("difference", {}).items():
+        if diff:
+            n = next(iter(diff.values()))["n"]
+            rows.append((f"{method} - opd (paired by seed, n={n}; mean [95 % t-interval])", diff))
+    lines = [f"Regime `{results['settings']['regime']}`, student SFT {results['settings']['student_steps']} steps, seeds "
+             f"{sorted({r['seed'] for r in results['runs']})} (mean ± sample std over seeds; the last rows: paired differences).", ""]
+    for columns in (READING_COLUMNS, WEIGHT_COLUMNS, PROFILE_COLUMNS):
         lines += ["| model | " + " | ".join(c[1] for c in columns) + " |", "|" + "---|" * (len(columns) + 1)]
         for name, stats in rows:
             lines.append(f"| {name} | " + " | ".join(cell(stats, c[0]) for c in columns) + " |")
@@ -359,6 +398,7 @@ def _prepare(out: Path, st: Settings, pool) -> tuple[dict, dict, dict]:
     timings["sft"] = sum(_sft(out, st).values())
     cache = out / "start.json"
     key = {"config": st.config, "data": wanted, "samples": [st.eval_samples, st.profile_samples, st.reading_samples],
+           "measurements": ["accuracy", "profile", "readings", "weights"],
            "eval_temperature": st.eval_temperature, "max_new_tokens": st.max_new_tokens,
            "models": [(out / m / "model.safetensors").stat().st_mtime for m in ("teacher", "student")]}
     saved = json.loads(cache.read_text()) if cache.is_file() else {}
@@ -468,7 +508,7 @@ def run(out: str | Path, st: Settings) -> dict:
     results = {
         "settings": asdict(st), "teacher": teacher, "student_before": before, "runs": runs,
         "summary": {m: _summary([r for r in runs if r["method"] == m]) for m in st.methods},
-        "difference": paired_differences(runs),
+        "difference": {m: paired_differences(runs, method=m) for m in st.methods if m != "opd"},
     }
     run_dirs = find_runs(out / "runs")
     train_rows = {r["id"]: r for r in read_jsonl(data / "train.jsonl")}
@@ -492,8 +532,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
     parser.add_argument("--steps", type=int, default=None, help="distillation steps per run")
     parser.add_argument("--workers", type=int, default=None)
-    parser.add_argument("--methods", nargs="+", choices=["opd", "va_opd"], default=None,
-                        help="distil with these only (the learning-rate sweep runs OPD alone)")
+    parser.add_argument("--methods", nargs="+", choices=list(OBJECTIVES), default=None,
+                        help="distil with these objectives (va_opd:<loss.va> for another VA estimator; "
+                             "the learning-rate sweep runs OPD alone)")
     parser.add_argument("--student-steps", type=int, default=None, help="SFT steps of the student (how well it starts)")
     parser.add_argument("--sweep-lr", type=float, nargs="+", default=None, metavar="LR",
                         help="instead of the comparison: OPD alone at each learning rate (OUT/sweep.md)")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from vaopd.inspect import find_runs, read_jsonl, run_method
 
-__all__ = ["reading_positions", "digit_token_stats", "main"]
+__all__ = ["reading_positions", "reading_digits", "digit_token_stats", "main"]
 
 
 def reading_positions(tokens: list[str]) -> list[int]:
@@ -29,6 +29,11 @@ def reading_positions(tokens: list[str]) -> list[int]:
     return [i for i in (first, second) if i < len(tokens)]
 
 
+def reading_digits(response: str) -> list[str]:
+    """The two digits of a detail reference response ("The digits are A and B. ...")."""
+    return response.split(" are ")[1].split(".")[0].split(" and ")
+
+
 def digit_token_stats(runs: list[Path], rows: dict[str, dict]) -> dict[str, dict[str, dict]]:
     """Per method: ``{"correct"|"wrong": {"tokens", "mean_va", "high_rate"}}`` over the runs' detail rollouts."""
     acc: dict[str, dict[str, list[tuple[float, bool]]]] = {}
@@ -38,7 +43,7 @@ def digit_token_stats(runs: list[Path], rows: dict[str, dict]) -> dict[str, dict
             row = rows.get(r["id"])
             if row is None or row["kind"] != "detail":
                 continue
-            truth = row["response"].split(" are ")[1].split(".")[0].split(" and ")
+            truth = reading_digits(row["response"])
             for pos, digit in zip(reading_positions(r["tokens"]), truth):
                 key = "correct" if r["tokens"][pos].strip() == digit else "wrong"
                 groups[key].append((r["teacher_va"][pos], bool(r["high"][pos])))

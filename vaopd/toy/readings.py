@@ -20,6 +20,11 @@ The KL at a position depends on the prefix only, not on what the student then re
 wrong (a position counts once per draw): the KL where the student reads right and where it reads
 wrong. Reported pooled over both positions (``all``) and for the first reading alone (``first``,
 whose prefix is pure scaffold).
+
+``loss_weight_probe`` looks at the objective instead: on the student's own rollouts (groups of
+siblings, at the rollout temperature and top-p) it computes each objective's per-token loss
+coefficients with the fused loss itself and reports the share of the loss weight that lands on
+the digit readings, split into right and wrong readings.
 """
 from __future__ import annotations
 
@@ -28,12 +33,24 @@ import math
 import torch
 
 from vaopd.ablate import ablate
-from vaopd.rollout import encode_prompts, prompt_pixels
-from vaopd.scoring import response_hidden
-from vaopd.toy.digits import reading_positions
+from vaopd.kernels import LossSpec, va_opd_loss
+from vaopd.models import eos_token_ids
+from vaopd.rollout import HFGenerate, banned_token_ids, encode_prompts, prompt_pixels
+from vaopd.scoring import response_hidden, teacher_hidden
+from vaopd.toy.digits import reading_digits, reading_positions
 from vaopd.toy.sft import response_tokens
 
-__all__ = ["sample_top_p", "reading_probe"]
+__all__ = ["sample_top_p", "reading_probe", "OBJECTIVES", "objective_spec", "loss_weight_probe"]
+
+# The objectives compared: OPD and VA-OPD with each visual-advantage estimator
+# ("va_opd" alone is the paper's, the sampled VA).
+OBJECTIVES = ("opd", "va_opd", "va_opd:two_sided", "va_opd:distribution")
+
+
+def objective_spec(label: str, **settings) -> LossSpec:
+    """The ``LossSpec`` of an objective label: ``opd``, ``va_opd`` or ``va_opd:<LossSpec.va>``."""
+    method, _, va = label.partition(":")
+    return LossSpec(method=method, va=va or "sampled", **settings)
 
 
 def sample_top_p(logp: torch.Tensor, temperature: float, top_p: float, samples: int,
@@ -113,3 +130,73 @@ def reading_probe(student, teacher, tokenizer, image_processor, records, rows: d
     cat = {k: torch.cat(v) for k, v in parts.items()}
     first = cat.pop("first")
     return {"all": _group_stats(**cat), "first": _group_stats(**{k: v[first] for k, v in cat.items()})}
+
+
+@torch.no_grad()
+def loss_weight_probe(student, teacher, tokenizer, image_processor, records, rows: dict[str, dict], *, samples: int,
+                      temperature: float, top_p: float, max_new_tokens: int, seed: int, objectives=OBJECTIVES,
+                      pixelate_factor: float = 0.1, high_fraction: float = 0.2, high_weight: float = 0.5,
+                      weight_temperature: float = 1.0, instruction: str = "", batch_prompts: int = 16) -> dict[str, dict]:
+    """Where each objective puts the loss weight on the student's rollouts of the detail ``records``.
+
+    Each question gets ``samples`` sibling rollouts (one group, as in training); the fused loss
+    (``va_opd_loss``, fp32, no gradient) gives every objective's coefficients ``c_t`` on them,
+    each group's summing to 1. Per objective: ``wrong`` / ``right``, the share of the total
+    weight ``sum c_t`` on the digit readings the student got wrong / right (``vaopd.toy.digits``
+    positions), and ``per_wrong_token``, the mean ``c_t`` of a wrong reading relative to the mean
+    ``c_t`` of all tokens (1 when a wrong reading gets an average token's weight). Also, once:
+    ``readings`` and ``wrong_readings``, the counts, and ``tokens``.
+    """
+    student.eval()
+    teacher.eval()
+    detail = [r for r in records if rows[r.id]["kind"] == "detail"]
+    vocab = len(tokenizer)
+    eos = eos_token_ids(student, tokenizer)
+    backend = HFGenerate(student, eos_ids=eos, pad_id=tokenizer.pad_token_id,
+                         banned_ids=banned_token_ids(tokenizer, student.get_output_embeddings().weight.shape[0], eos),
+                         temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
+    specs = {label: objective_spec(label, weight_temperature=weight_temperature, high_fraction=high_fraction,
+                                   high_weight=high_weight) for label in objectives}
+    sums = {label: {"wrong": 0.0, "right": 0.0, "total": 0.0} for label in objectives}
+    counts = {"readings": 0, "wrong_readings": 0, "tokens": 0}
+    s_weight = student.get_output_embeddings().weight
+    t_weight = teacher.get_output_embeddings().weight
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for start in range(0, len(detail), batch_prompts):
+            chunk = detail[start:start + batch_prompts]
+            prompts = encode_prompts([r.question + instruction for r in chunk], [r.image for r in chunk], tokenizer,
+                                     image_processor)
+            ablated = prompt_pixels([ablate(r.image, "pixelate", pixelate_factor=pixelate_factor) for r in chunk],
+                                    image_processor, prompts.image_grid_thw)
+            tokens, mask = backend.generate(prompts, samples)
+            owner = torch.arange(len(chunk)).repeat_interleave(samples)
+            batch = prompts.repeat(samples)
+            abl = prompts.with_pixels(ablated).repeat(samples).pixel_values
+            s_hidden = response_hidden(student, batch, tokens, mask)
+            t_clean, t_abl = teacher_hidden(teacher, batch, abl, tokens, mask)
+            # Each rollout's readings: +1 right, -1 wrong, 0 elsewhere.
+            reading = torch.zeros(tokens.shape, dtype=torch.long)
+            for b in range(tokens.shape[0]):
+                valid = tokens[b][mask[b]].tolist()
+                pieces = [tokenizer.decode([t]) for t in valid]
+                for pos, digit in zip(reading_positions(pieces), reading_digits(rows[chunk[int(owner[b])].id]["response"])):
+                    reading[b, pos] = 1 if pieces[pos].strip() == digit else -1
+            counts["readings"] += int((reading != 0).sum())
+            counts["wrong_readings"] += int((reading < 0).sum())
+            counts["tokens"] += int(mask.sum())
+            for label, spec in specs.items():
+                coef = va_opd_loss(s_hidden, s_weight, t_clean, t_abl, t_weight, tokens, mask, owner, spec=spec,
+                                   vocab_size=vocab, backend="torch")[1]["coef"]
+                sums[label]["wrong"] += float(coef[reading < 0].sum())
+                sums[label]["right"] += float(coef[reading > 0].sum())
+                sums[label]["total"] += float(coef.sum())
+    out: dict[str, dict] = {}
+    for label, s in sums.items():
+        mean_coef = s["total"] / max(1, counts["tokens"])
+        out[label] = {"wrong": s["wrong"] / s["total"] if s["total"] else math.nan,
+                      "right": s["right"] / s["total"] if s["total"] else math.nan,
+                      "per_wrong_token": (s["wrong"] / counts["wrong_readings"] / mean_coef
+                                          if counts["wrong_readings"] and mean_coef else math.nan)}
+    out["counts"] = counts
+    return out
