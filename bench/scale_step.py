@@ -91,6 +91,8 @@ def parse_args(argv=None):
     p.add_argument("--calib-tokens", type=int, default=256, help="with --budget-s: a calibration step at this cap")
     p.add_argument("--max-new-tokens", type=int, default=0, help="0: the preset's")
     p.add_argument("--micro-batch-prompts", type=int, default=0, help="0: the preset's")
+    p.add_argument("--prompts", type=int, default=0,
+                   help="prompts per step; 0: the preset's (2 at the paper preset: one rank's slice of an 8-GPU step)")
     p.add_argument("--median", type=float, default=0.0, help="median response length; 0: the preset's")
     p.add_argument("--buckets", choices=["on", "off", "both"], default="both",
                    help="train.length_buckets; both: each measured step runs off, then on, on the same data and lengths")
@@ -259,7 +261,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     preset = dict(PRESETS[args.preset])
     for key, value in (("max_new_tokens", args.max_new_tokens), ("micro", args.micro_batch_prompts),
-                       ("median", args.median)):
+                       ("median", args.median), ("prompts", args.prompts)):
         if value:
             preset[key] = value
     t0 = time.perf_counter()
@@ -273,7 +275,8 @@ def main(argv=None) -> int:
     lengths = LengthModel(preset["median"], PROMPT_SIGMA, SAMPLE_SIGMA, seed=args.seed)
     rows: list[dict] = []
     notes: list[str] = []
-    info: dict = dict(preset=args.preset, engine=args.engine, args=vars(args), settings=preset)
+    info: dict = dict(preset=args.preset, engine=args.engine, args=vars(args), settings=preset,
+                      date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
     try:
         cfg, s, forced, impl = build(args, preset, lengths)
         info.update(device=torch.cuda.get_device_name(s.device) if s.device.type == "cuda" else
@@ -293,6 +296,11 @@ def main(argv=None) -> int:
         prompt_lens = first.attention_mask.sum(1).tolist()
         prompt_len = sum(prompt_lens) / len(prompt_lens)
         cap = preset["max_new_tokens"]
+        static = getattr(s.rollout, "static", None)
+        if static is not None:  # one cache shape (one compiled decode graph) for every step of the run
+            every = encode_prompts([r.question for r in s.train_data.records], [r.image for r in s.train_data.records],
+                                   s.tokenizer, s.image_processor)
+            info["cache_len"] = static.reserve(int(every.attention_mask.sum(1).max()), cap)
         info["expected_scoring_padding"] = {
             "before": simulate_padding(lengths, K, mb, cap, prompt_lens, buckets=False, trim=False),
             "trim": simulate_padding(lengths, K, mb, cap, prompt_lens, buckets=False, trim=True),

@@ -61,10 +61,19 @@ class StaticDecode:
         self.compile, self.cache_multiple = compile, cache_multiple
         self.cache_len, self.graphs = 0, 0
 
-    def options(self, device: torch.device, prompt_len: int, max_new_tokens: int) -> dict:
-        """Keyword arguments for ``model.generate`` for a batch of ``prompt_len``-token prompts."""
+    def reserve(self, prompt_len: int, max_new_tokens: int) -> int:
+        """Grow ``cache_len`` to hold ``prompt_len + max_new_tokens`` (rounded up); returns it.
+
+        Calling it once with the longest expected prompt and the run's cap before the first
+        rollout makes every later call (shorter caps and prompts included) use that one cache shape.
+        """
         need = math.ceil((prompt_len + max_new_tokens) / self.cache_multiple) * self.cache_multiple
         self.cache_len = max(self.cache_len, need)
+        return self.cache_len
+
+    def options(self, device: torch.device, prompt_len: int, max_new_tokens: int) -> dict:
+        """Keyword arguments for ``model.generate`` for a batch of ``prompt_len``-token prompts."""
+        self.reserve(prompt_len, max_new_tokens)
         options = dict(cache_implementation="static", max_cache_len=self.cache_len)
         if self.compile:
             cuda = device.type == "cuda"
