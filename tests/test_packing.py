@@ -5,7 +5,7 @@ import torch
 
 from vaopd.data import tiny_records
 from vaopd.kernels import va_opd_loss
-from vaopd.packing import pack, packed_hidden, packed_teacher_hidden, scoring_padding
+from vaopd.packing import FLEX, pack, packed_hidden, packed_teacher_hidden, scoring_padding, use_packed_attention
 from vaopd.rollout import encode_prompts, response_mask
 from vaopd.scoring import scoring_inputs, teacher_hidden
 from vaopd.tiny import build_image_processor, build_model, build_tokenizer
@@ -95,3 +95,18 @@ def test_fused_loss_gradient_of_packed_scoring_equals_the_padded_path():
         scale = padded[name].abs().max().clamp(min=1e-6)
         assert (packed[name] - padded[name]).abs().max() <= 1e-4 * scale, name
     assert any(float(g.abs().max()) > 0 for n, g in padded.items() if "visual" in n)  # the image path is covered
+
+
+def test_flex_attention_packed_scoring_equals_padded_sdpa():
+    tok, _, prompts, tokens, mask, _ = batch()
+    student = build_model("student", tok, seed=0).eval()
+    lp = prompts.input_ids.shape[1]
+    with torch.no_grad():
+        padded = student.model(**scoring_inputs(prompts, tokens, mask)).last_hidden_state[:, lp - 1:]
+    assert use_packed_attention(student, prefer="flex") == FLEX
+    assert student.config.text_config._attn_implementation == FLEX
+    assert student.config.vision_config._attn_implementation == "sdpa"
+    p = pack(prompts, tokens, mask, student.model.get_rope_index)
+    with torch.no_grad():
+        packed = packed_hidden(student.model, p)
+    assert torch.allclose(packed[mask], padded[mask], atol=1e-5, rtol=1e-5)

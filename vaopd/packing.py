@@ -18,11 +18,18 @@ so the last valid token is never an input). The rows are concatenated into one s
 
 The hidden states of the response positions are gathered back into the ``[rows, T, D]`` layout the
 fused loss takes (zeros at invalid positions, which the loss masks out): per token they equal the
-padded path's (tests/test_packing.py). Which attention runs is the model's
-``attn_implementation``: flash-attention 2 takes packed sequences as variable-length batches
-(no ``[tokens x tokens]`` mask); SDPA and eager build a dense block-causal mask of
-``[total x total]`` booleans per packed row, so with them pack micro-batches, not whole steps.
-Callers keep whole sibling groups in one pack (the loss's weights need them).
+padded path's (tests/test_packing.py). Callers keep whole sibling groups in one pack (the loss's
+weights need them).
+
+Attention. With SDPA or eager attention transformers builds a dense block-causal mask of
+``[total x total]`` per packed row. ``use_packed_attention`` switches the text model to one that
+takes packed sequences natively: flash-attention 2 where installed (variable-length kernels, the
+sequences found from the restarting positions), otherwise PyTorch's FlexAttention (a block mask,
+no dense one). transformers refuses ``attn_implementation="flex_attention"`` for Qwen3-VL ("does
+not support an attention implementation through torch's flex_attention": the model class does not
+declare flex support, in 5.17 and 5.24), so its own ``flex_attention_forward`` and
+``flex_attention_mask`` are registered under ``vaopd_flex`` (``AttentionInterface``,
+``AttentionMaskInterface``) for the text model only; the vision tower keeps its implementation.
 """
 from __future__ import annotations
 
@@ -33,7 +40,10 @@ import torch
 from vaopd.rollout import PromptBatch
 from vaopd.scoring import scoring_inputs
 
-__all__ = ["Packed", "pack", "packed_hidden", "unpack", "packed_teacher_hidden", "scoring_padding"]
+__all__ = ["Packed", "pack", "packed_hidden", "unpack", "packed_teacher_hidden", "scoring_padding", "use_packed_attention",
+           "FLEX"]
+
+FLEX = "vaopd_flex"
 
 
 @dataclass
@@ -118,6 +128,31 @@ def packed_teacher_hidden(teacher, packed: Packed, ablated_pixels: torch.Tensor 
     if ablated_pixels is None:
         return unpack(hidden, packed), None
     return unpack(hidden[:1], packed), unpack(hidden[1:], packed)
+
+
+def use_packed_attention(model, prefer: str = "auto") -> str:
+    """Set the text model of ``model`` (a ``*ForConditionalGeneration``) to an attention that takes
+    packed sequences without a dense mask; returns its name.
+
+    ``prefer``: ``auto`` (flash-attention 2 when installed, else FlexAttention), ``flash_attention_2``
+    or ``flex``. FlexAttention compiles its kernels per sequence length on first use.
+    """
+    from transformers.utils import is_flash_attn_2_available
+
+    if prefer not in ("auto", "flash_attention_2", "flex"):
+        raise ValueError(f"packed attention: {prefer!r} is not one of auto, flash_attention_2, flex")
+    if prefer == "flash_attention_2" or (prefer == "auto" and is_flash_attn_2_available()):
+        name = "flash_attention_2"
+    else:
+        from transformers import AttentionInterface
+        from transformers.integrations.flex_attention import flex_attention_forward
+        from transformers.masking_utils import AttentionMaskInterface, flex_attention_mask
+
+        AttentionInterface.register(FLEX, flex_attention_forward)
+        AttentionMaskInterface.register(FLEX, flex_attention_mask)
+        name = FLEX
+    model.set_attn_implementation({"text_config": name})
+    return name
 
 
 def scoring_padding(prompts: PromptBatch, mask: torch.Tensor, packed: bool) -> tuple[int, int]:
