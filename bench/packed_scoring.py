@@ -7,7 +7,7 @@ A micro-batch of ``--prompts`` sibling groups with responses of lengths drawn fr
 preset's length model (``scale_models.LengthModel``, cap 64). Timed per path: the teacher's two
 views (no gradients), and the student's forward plus backward. Each path runs once to warm up
 (FlexAttention compiles there), then ``--repeats`` times; the median is reported with the
-positions computed per needed one (``vaopd.packing.scoring_padding``).
+positions computed per needed one (``vaopd.scoring.scoring_padding``).
 """
 from __future__ import annotations
 
@@ -23,9 +23,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from scale_models import LengthModel, build_model, build_tokenizer, synthetic_records  # noqa: E402
 
-from vaopd.packing import pack, packed_hidden, packed_teacher_hidden, scoring_padding, use_packed_attention  # noqa: E402
+from vaopd.packing import pack, packed_hidden, packed_teacher_hidden, use_packed_attention  # noqa: E402
 from vaopd.rollout import encode_prompts, response_mask  # noqa: E402
-from vaopd.scoring import scoring_inputs, teacher_hidden  # noqa: E402
+from vaopd.scoring import scoring_inputs, scoring_padding, teacher_hidden  # noqa: E402
 from vaopd.tiny import build_image_processor  # noqa: E402
 
 

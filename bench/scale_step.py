@@ -14,15 +14,17 @@ real ``generate`` loop still runs every decode step, so the rollout costs what i
 ``--engine``: ``hf`` (transformers ``generate``; ``--compile auto|on|off`` is its static-cache
 compiled decode, ``rollout.hf.compile``) or ``vllm`` (an in-process vLLM engine from a folder of
 the random student; one request per response with ``max_tokens`` from the same drawn length and
-``ignore_eos``). Both engines see the same prompts and the same drawn lengths. ``decode_ms``: ms
+``ignore_eos``). Both engines see the same prompts and the same drawn lengths. ``--scoring``:
+``packed`` (``train.packed_scoring``, the default) or ``padded`` teacher and student passes. ``decode_ms``: ms
 per decode step (every row advances one token): measured inside ``generate`` for hf, the rollout
 time over the longest response for vLLM (its steps are scheduled internally).
 
 Printed and written to ``--out`` (``bench/out/scale_step``) as JSON and markdown: time per step
 and its phases (rollout, teacher scoring, student forward, the fused loss forward+backward,
 student backward, optimizer, other), valid response tokens per second, padding (positions computed
-per valid token, in the rollout and in the scoring passes), peak memory, and the padding expected
-at the preset's shape with and without length buckets (simulated from the length model).
+per valid token in the rollout, per needed position in the scoring passes), peak memory, and the
+scoring padding expected at the preset's shape padded with and without length buckets, and packed
+(simulated from the length model).
 
 ``--budget-s`` bounds the whole run: after the warm-up and a calibration step at
 ``--calib-tokens``, each measured step runs at the largest ``max_new_tokens`` (halving from the
@@ -47,14 +49,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from scale_models import (ForcedLengths, LengthModel, build_model, build_tokenizer, forced_lengths_vllm,  # noqa: E402
                           synthetic_records)
 
-from vaopd.build import Setup  # noqa: E402
+from vaopd.build import Setup, build_rollout, build_scorer, longest_prompt_bound  # noqa: E402
 from vaopd.config import load_config  # noqa: E402
 from vaopd.data import Dataset  # noqa: E402
 from vaopd.models import (attn_implementation, check_vocabularies, enable_gradient_checkpointing,  # noqa: E402
                           eos_token_ids, use_bf16)
 from vaopd.optim import build_optimizer  # noqa: E402
 from vaopd.rollout import banned_token_ids, encode_prompts  # noqa: E402
-from vaopd.scoring import Scorer  # noqa: E402
 from vaopd.step import Timer, train_step  # noqa: E402
 from vaopd.strategy import SingleProcess  # noqa: E402
 from vaopd.tiny import build_image_processor  # noqa: E402
@@ -101,6 +102,7 @@ def parse_args(argv=None):
     p.add_argument("--engine", choices=["hf", "vllm"], default="hf", help="rollout engine (vllm: from .venv-vllm)")
     p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
                    help="hf engine: static KV cache and compiled decode step (auto: on for CUDA)")
+    p.add_argument("--scoring", choices=["packed", "padded"], default="packed", help="train.packed_scoring")
     p.add_argument("--attn", default="auto", choices=["auto", "sdpa", "flash_attention_2", "eager"])
     p.add_argument("--budget-s", type=float, default=0.0, help="stop before this many seconds (0: no limit)")
     p.add_argument("--device", default="auto")
@@ -118,7 +120,8 @@ def build(args, preset: dict, lengths: LengthModel):
                  f"model.gradient_checkpointing={str(preset['checkpointing']).lower()}",
                  f"model.attn_implementation={args.attn}", f"data.min_pixels={preset['min_pixels']}",
                  f"data.max_pixels={preset['max_pixels']}", "data.val=", "log.progress=false", f"train.seed={args.seed}",
-                 f"train.run_dir={Path(args.out) / 'run'}", "data.instruction=", "optim.lr=1e-6", "optim.warmup_ratio=0"]
+                 f"train.run_dir={Path(args.out) / 'run'}", "data.instruction=", "optim.lr=1e-6", "optim.warmup_ratio=0",
+                 f"rollout.hf.compile={args.compile}", f"train.packed_scoring={str(args.scoring == 'packed').lower()}"]
     cfg = load_config(None, overrides)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
@@ -152,23 +155,25 @@ def build(args, preset: dict, lengths: LengthModel):
             seed=args.seed, image_size={"shortest_edge": cfg.data.min_pixels, "longest_edge": cfg.data.max_pixels})
     else:
         forced = ForcedLengths(student, lengths, eos, r.samples_per_prompt)
-        rollout = HFGenerate(forced, eos_ids=eos, pad_id=tokenizer.pad_token_id, banned_ids=banned,
-                             temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_new_tokens=r.max_new_tokens,
-                             batch_prompts=r.batch_prompts, compile=args.compile)
-    records = synthetic_records(cfg.train.prompts_per_step * 8, preset["side"], seed=args.seed)
+        rollout = build_rollout(cfg, forced, eos, tokenizer.pad_token_id, banned)
+    data = Dataset(synthetic_records(cfg.train.prompts_per_step * 8, preset["side"], seed=args.seed), source="synthetic")
+    if getattr(rollout, "static", None) is not None:  # one cache shape (one compiled decode graph) for the run
+        rollout.static.reserve(longest_prompt_bound(cfg, data, tokenizer, image_processor), r.max_new_tokens)
     strategy = SingleProcess(student, teacher, None, device)  # samples from the student itself (ForcedLengths)
-    s = Setup(student, teacher, tokenizer, image_processor, vocab, eos, banned, Dataset(records, source="synthetic"),
-              None, device, bf16, rollout, strategy, Scorer(strategy.student, strategy.teacher))
+    s = Setup(student, teacher, tokenizer, image_processor, vocab, eos, banned, data, None, device, bf16, rollout, strategy,
+              build_scorer(cfg, strategy))
     return cfg, s, forced, impl
 
 
 def simulate_padding(lengths: LengthModel, K: int, mb: int, cap: int, prompt_lens: list[int], buckets: bool,
-                     trim: bool, steps: int = 200) -> float:
-    """Expected scored positions per valid position (prompt + response) of a step's micro-batches,
-    over ``steps`` draws of the length model with the step's prompt lengths ``prompt_lens``.
+                     trim: bool, packed: bool = False, steps: int = 200) -> float:
+    """Expected scored positions per needed one of a step's micro-batches (``vaopd.scoring.scoring_padding``:
+    a row needs its prompt and its first ``n - 1`` response tokens), over ``steps`` draws of the
+    length model with the step's prompt lengths ``prompt_lens``.
 
     ``buckets``: groups ordered by their longest response (``train.length_buckets``); ``trim``:
-    prompts padded to the micro-batch's longest instead of the step's (``without_pad_columns``).
+    prompts padded to the micro-batch's longest instead of the step's (``without_pad_columns``);
+    ``packed``: the packed passes (``train.packed_scoring``), which compute the needed positions only.
     """
     sim = LengthModel(lengths.median, lengths.prompt_sigma, lengths.sample_sigma, seed=999)
     P = len(prompt_lens)
@@ -179,9 +184,10 @@ def simulate_padding(lengths: LengthModel, K: int, mb: int, cap: int, prompt_len
         order = sorted(range(P), key=lambda g: float(n[g].max())) if buckets and mb < P else list(range(P))
         for first in range(0, P, mb):
             groups = order[first:first + mb]
-            width = float(prompt[groups].max() if trim else prompt.max()) + float(n[groups].max())
-            computed += len(groups) * K * width
-            valid += K * float(prompt[groups].sum()) + float(n[groups].sum())
+            needed = K * float(prompt[groups].sum()) + float(n[groups].sum()) - len(groups) * K
+            width = float(prompt[groups].max() if trim else prompt.max()) + float(n[groups].max()) - 1
+            computed += needed if packed else len(groups) * K * width
+            valid += needed
     return computed / valid
 
 
@@ -299,15 +305,13 @@ def main(argv=None) -> int:
         prompt_lens = first.attention_mask.sum(1).tolist()
         prompt_len = sum(prompt_lens) / len(prompt_lens)
         cap = preset["max_new_tokens"]
-        static = getattr(s.rollout, "static", None)
-        if static is not None:  # one cache shape (one compiled decode graph) for every step of the run
-            every = encode_prompts([r.question for r in s.train_data.records], [r.image for r in s.train_data.records],
-                                   s.tokenizer, s.image_processor)
-            info["cache_len"] = static.reserve(int(every.attention_mask.sum(1).max()), cap)
+        if getattr(s.rollout, "static", None) is not None:
+            info["cache_len"] = s.rollout.static.cache_len
         info["expected_scoring_padding"] = {
             "before": simulate_padding(lengths, K, mb, cap, prompt_lens, buckets=False, trim=False),
             "trim": simulate_padding(lengths, K, mb, cap, prompt_lens, buckets=False, trim=True),
             "after": simulate_padding(lengths, K, mb, cap, prompt_lens, buckets=True, trim=True),
+            "packed": simulate_padding(lengths, K, mb, cap, prompt_lens, buckets=True, trim=True, packed=True),
             "prompt_tokens": [min(prompt_lens), prompt_len, max(prompt_lens)], "mean_response_tokens": lengths.mean(cap)}
         step, ok = 0, True
 
@@ -374,9 +378,10 @@ def choose_cap(cal: dict, cap: int, args, lengths: LengthModel, prompt_len: floa
 
 
 def report(info: dict, out: Path) -> None:
-    name = info["preset"] if info["engine"] == "hf" else f"{info['preset']}_{info['engine']}"
+    name = (info["preset"] + ("" if info["engine"] == "hf" else f"_{info['engine']}")
+            + ("" if info["args"]["scoring"] == "packed" else "_padded"))
     engine = "vLLM" if info["engine"] == "vllm" else f"HF generate (compile {info['args']['compile']})"
-    lines = [f"# Scale step: preset {info['preset']}, rollout engine {engine}", "",
+    lines = [f"# Scale step: preset {info['preset']}, rollout engine {engine}, {info['args']['scoring']} scoring", "",
              f"{info.get('device', '?')}, torch {info.get('torch', '?')}, transformers {info.get('transformers', '?')}, "
              f"attention {info.get('attn', '?')}; build {info.get('build_s', 0):.1f} s, run {info['total_s']:.1f} s.",
              f"Settings: {json.dumps(info['settings'])}", "", HEADER]
@@ -387,7 +392,7 @@ def report(info: dict, out: Path) -> None:
         lines += ["", f"Expected scoring padding at this shape (200 simulated steps of the length model, mean response "
                       f"{pad['mean_response_tokens']:.0f} tokens, prompts {lo:.0f}/{mean:.0f}/{hi:.0f} min/mean/max): "
                       f"step-wide prompt padding, no buckets {pad['before']:.2f}; prompts trimmed per micro-batch "
-                      f"{pad['trim']:.2f}; trimmed and length buckets {pad['after']:.2f}."]
+                      f"{pad['trim']:.2f}; trimmed and length buckets {pad['after']:.2f}; packed {pad['packed']:.2f}."]
     lines += [f"Note: {n}" for n in info["notes"]]
     text = "\n".join(lines)
     print("\n" + text, flush=True)

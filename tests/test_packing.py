@@ -5,9 +5,9 @@ import torch
 
 from vaopd.data import tiny_records
 from vaopd.kernels import va_opd_loss
-from vaopd.packing import FLEX, pack, packed_hidden, packed_teacher_hidden, scoring_padding, use_packed_attention
+from vaopd.packing import FLEX, pack, packed_hidden, packed_teacher_hidden, use_packed_attention
 from vaopd.rollout import encode_prompts, response_mask
-from vaopd.scoring import scoring_inputs, teacher_hidden
+from vaopd.scoring import scoring_inputs, scoring_padding, teacher_hidden
 from vaopd.tiny import build_image_processor, build_model, build_tokenizer
 
 SIZES = ((64, 48), (96, 80), (40, 64))

@@ -38,9 +38,9 @@ from dataclasses import dataclass
 import torch
 
 from vaopd.rollout import PromptBatch
-from vaopd.scoring import scoring_inputs
+from vaopd.scoring import Scorer, body_hidden, scoring_inputs
 
-__all__ = ["Packed", "pack", "packed_hidden", "unpack", "packed_teacher_hidden", "scoring_padding", "use_packed_attention",
+__all__ = ["Packed", "pack", "packed_hidden", "unpack", "packed_teacher_hidden", "PackedScorer", "use_packed_attention",
            "FLEX"]
 
 FLEX = "vaopd_flex"
@@ -114,7 +114,8 @@ def packed_teacher_hidden(teacher, packed: Packed, ablated_pixels: torch.Tensor 
     """Teacher ``[rows, T, Dt]`` hidden states for the clean and the ablated view (or None), no gradients.
 
     Both views run as one batch of two packed rows of the same layout (the ablated row takes
-    ``ablated_pixels``). ``teacher``: a ``*ForConditionalGeneration`` (its ``.model`` runs).
+    ``ablated_pixels``). ``teacher``: a ``*ForConditionalGeneration`` or a ``HiddenAndHead`` root
+    over one (``vaopd.scoring.body_hidden``).
     """
     inputs = packed.inputs
     if ablated_pixels is not None:
@@ -124,7 +125,7 @@ def packed_teacher_hidden(teacher, packed: Packed, ablated_pixels: torch.Tensor 
                       pixel_values=torch.cat([inputs["pixel_values"], ablated_pixels]),
                       image_grid_thw=torch.cat([inputs["image_grid_thw"], inputs["image_grid_thw"]]))
     with torch.no_grad():
-        hidden = teacher.model(**inputs).last_hidden_state
+        hidden = body_hidden(teacher, inputs)
     if ablated_pixels is None:
         return unpack(hidden, packed), None
     return unpack(hidden[:1], packed), unpack(hidden[1:], packed)
@@ -155,18 +156,27 @@ def use_packed_attention(model, prefer: str = "auto") -> str:
     return name
 
 
-def scoring_padding(prompts: PromptBatch, mask: torch.Tensor, packed: bool) -> tuple[int, int]:
-    """``(computed, needed)`` positions of one scoring pass over ``prompts`` and ``[rows, T]`` responses.
+class PackedScorer(Scorer):
+    """The ``Scorer`` on packed sequences (``train.packed_scoring``): one packed row per pass for
+    the student, two (clean and ablated view) for the teacher; hidden states come back in the
+    padded path's ``[rows, T, D]`` layout, equal to it up to float rounding.
 
-    needed: per row its valid prompt tokens plus its first ``n - 1`` response tokens (the inputs
-    whose hidden states predict the ``n`` valid response tokens), ``sum(Lp_i + n_i - 1)``. computed:
-    that same sum when packed; padded, ``rows x (Lp + T - 1)`` with ``Lp`` the longest valid prompt
-    and ``T`` the longest valid response (the micro-batch trimmed as ``vaopd.step`` trims it). The
-    step logs ``scoring_padding`` as the sum of ``computed`` over the sum of ``needed`` of its passes.
+    Each model packs with its own ``get_rope_index`` (the Qwen-VL families share its signature).
+    The attention is the model's own: with flash-attention 2 transformers runs the packed rows as
+    variable-length sequences; with SDPA or eager attention it builds a dense block-causal
+    ``[total x total]`` mask per packed row (see the module docstring).
     """
-    n = mask.bool().sum(1)
-    prompt = prompts.attention_mask.sum(1)
-    needed = int((prompt + n - 1).clamp(min=0).sum())
-    if packed:
-        return needed, needed
-    return mask.shape[0] * (int(prompt.max()) + int(n.max()) - 1), needed
+
+    packed = True
+
+    def teacher(self, prompts: PromptBatch, ablated_pixels: torch.Tensor | None, tokens, mask):
+        with torch.no_grad():
+            p = pack(prompts, tokens, mask, self.teacher_model.model.model.get_rope_index)
+            clean, ablated = packed_teacher_hidden(self.teacher_model, p, ablated_pixels)
+            weight = self.teacher_model.model.get_output_embeddings().weight
+        return clean, ablated, weight
+
+    def student(self, prompts: PromptBatch, tokens, mask) -> tuple[torch.Tensor, torch.Tensor]:
+        p = pack(prompts, tokens, mask, self.student_model.model.model.get_rope_index)
+        hidden, weight = self.student_model(**p.inputs)
+        return unpack(hidden, p), weight
