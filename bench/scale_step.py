@@ -103,6 +103,8 @@ def parse_args(argv=None):
     p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
                    help="hf engine: static KV cache and compiled decode step (auto: on for CUDA)")
     p.add_argument("--scoring", choices=["packed", "padded"], default="packed", help="train.packed_scoring")
+    p.add_argument("--simulate-only", action="store_true",
+                   help="print the expected scoring padding at the preset's shape and exit (no model is built)")
     p.add_argument("--attn", default="auto", choices=["auto", "sdpa", "flash_attention_2", "eager"])
     p.add_argument("--budget-s", type=float, default=0.0, help="stop before this many seconds (0: no limit)")
     p.add_argument("--device", default="auto")
@@ -189,6 +191,38 @@ def simulate_padding(lengths: LengthModel, K: int, mb: int, cap: int, prompt_len
             computed += needed if packed else len(groups) * K * width
             valid += needed
     return computed / valid
+
+
+def expected_padding(lengths: LengthModel, K: int, mb: int, cap: int, prompt_lens: list[int]) -> dict:
+    """``simulate_padding`` padded (step-wide prompts, trimmed, trimmed with buckets) and packed."""
+    return {"before": simulate_padding(lengths, K, mb, cap, prompt_lens, buckets=False, trim=False),
+            "trim": simulate_padding(lengths, K, mb, cap, prompt_lens, buckets=False, trim=True),
+            "after": simulate_padding(lengths, K, mb, cap, prompt_lens, buckets=True, trim=True),
+            "packed": simulate_padding(lengths, K, mb, cap, prompt_lens, buckets=True, trim=True, packed=True),
+            "prompt_tokens": [min(prompt_lens), sum(prompt_lens) / len(prompt_lens), max(prompt_lens)],
+            "mean_response_tokens": lengths.mean(cap)}
+
+
+def simulate_only(args, preset: dict, lengths: LengthModel) -> int:
+    """``--simulate-only``: the expected scoring padding at the preset's shape, from its prompts'
+    real token counts (tokenizer and image processor only: no model is built)."""
+    tokenizer = build_tokenizer()
+    image_processor = build_image_processor(preset["min_pixels"], preset["max_pixels"])
+    records = synthetic_records(preset["prompts"] * 8, preset["side"], seed=args.seed)[:preset["prompts"]]
+    prompts = encode_prompts([r.question for r in records], [r.image for r in records], tokenizer, image_processor)
+    pad = expected_padding(lengths, preset["k"], preset["micro"], preset["max_new_tokens"],
+                           prompts.attention_mask.sum(1).tolist())
+    print(padding_line(pad))
+    (Path(args.out) / f"{args.preset}_padding.json").write_text(json.dumps(dict(settings=preset, **pad), indent=1) + "\n")
+    return 0
+
+
+def padding_line(pad: dict) -> str:
+    lo, mean, hi = pad["prompt_tokens"]
+    return (f"Expected scoring padding at this shape (200 simulated steps of the length model, mean response "
+            f"{pad['mean_response_tokens']:.0f} tokens, prompts {lo:.0f}/{mean:.0f}/{hi:.0f} min/mean/max): "
+            f"step-wide prompt padding, no buckets {pad['before']:.2f}; prompts trimmed per micro-batch "
+            f"{pad['trim']:.2f}; trimmed and length buckets {pad['after']:.2f}; packed {pad['packed']:.2f}.")
 
 
 def peak_gib(timer: Timer, device: torch.device) -> float:
@@ -282,6 +316,8 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     lengths = LengthModel(preset["median"], PROMPT_SIGMA, SAMPLE_SIGMA, seed=args.seed)
+    if args.simulate_only:
+        return simulate_only(args, preset, lengths)
     rows: list[dict] = []
     notes: list[str] = []
     info: dict = dict(preset=args.preset, engine=args.engine, args=vars(args), settings=preset,
@@ -307,12 +343,7 @@ def main(argv=None) -> int:
         cap = preset["max_new_tokens"]
         if getattr(s.rollout, "static", None) is not None:
             info["cache_len"] = s.rollout.static.cache_len
-        info["expected_scoring_padding"] = {
-            "before": simulate_padding(lengths, K, mb, cap, prompt_lens, buckets=False, trim=False),
-            "trim": simulate_padding(lengths, K, mb, cap, prompt_lens, buckets=False, trim=True),
-            "after": simulate_padding(lengths, K, mb, cap, prompt_lens, buckets=True, trim=True),
-            "packed": simulate_padding(lengths, K, mb, cap, prompt_lens, buckets=True, trim=True, packed=True),
-            "prompt_tokens": [min(prompt_lens), prompt_len, max(prompt_lens)], "mean_response_tokens": lengths.mean(cap)}
+        info["expected_scoring_padding"] = expected_padding(lengths, K, mb, cap, prompt_lens)
         step, ok = 0, True
 
         def go(label: str, at_cap: int, buckets: bool) -> bool:
@@ -388,11 +419,7 @@ def report(info: dict, out: Path) -> None:
     lines += [fmt_row(r) for r in info["rows"]]
     pad = info.get("expected_scoring_padding")
     if pad:
-        lo, mean, hi = pad["prompt_tokens"]
-        lines += ["", f"Expected scoring padding at this shape (200 simulated steps of the length model, mean response "
-                      f"{pad['mean_response_tokens']:.0f} tokens, prompts {lo:.0f}/{mean:.0f}/{hi:.0f} min/mean/max): "
-                      f"step-wide prompt padding, no buckets {pad['before']:.2f}; prompts trimmed per micro-batch "
-                      f"{pad['trim']:.2f}; trimmed and length buckets {pad['after']:.2f}; packed {pad['packed']:.2f}."]
+        lines += ["", padding_line(pad)]
     lines += [f"Note: {n}" for n in info["notes"]]
     text = "\n".join(lines)
     print("\n" + text, flush=True)

@@ -49,3 +49,12 @@ def test_compiled_engine_step_samples_the_drawn_lengths(tmp_path):
     warm, row = json.loads((tmp_path / "smoke.json").read_text())["rows"]
     assert "error" not in row and row["response_len"] == row["drawn_mean"]
     assert warm["graphs_compiled"] >= 1 and row["graphs_compiled"] == 0 and row["cache_len"] == warm["cache_len"]
+
+
+def test_simulate_only_prints_the_expected_padding_without_models(tmp_path, capsys):
+    assert main(["--preset", "smoke", "--simulate-only", "--out", str(tmp_path)]) == 0
+    pad = json.loads((tmp_path / "smoke_padding.json").read_text())
+    assert pad["packed"] == 1.0  # packed passes compute the needed positions only
+    assert pad["before"] >= pad["trim"] >= 1.0 and pad["after"] >= 1.0
+    assert pad["prompt_tokens"][0] <= pad["prompt_tokens"][1] <= pad["prompt_tokens"][2]
+    assert "packed 1.00." in capsys.readouterr().out

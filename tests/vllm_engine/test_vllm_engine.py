@@ -34,8 +34,8 @@ def parts(tmp_path_factory):
     engine = VLLMGenerate(
         folder, device=torch.device("cpu"), dtype=torch.float32, eos_ids=eos, pad_id=tok.pad_token_id,
         image_pad_id=tok.convert_tokens_to_ids("<|image_pad|>"), banned_ids=banned, lm_head_rows=model.lm_head.weight.shape[0],
-        temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=NEW_TOKENS, gpu_memory_utilization=0.3, sleep_mode=False,
-        kv_cache_gib=1, max_model_len=0, enforce_eager=True, seed=0,
+        temperature=1.0, top_p=1.0, top_k=None, max_new_tokens=NEW_TOKENS, gpu_memory_utilization=0.3, sleep_mode=False,
+        kv_cache_gib=1, max_model_len=None, enforce_eager=True, seed=0,
         image_size={"shortest_edge": 32 * 32, "longest_edge": MAX_PIXELS})
     return tok, ip, model, engine, eos, banned
 
