@@ -1,4 +1,4 @@
-"""Scoring one micro-batch padded (SDPA, the trainer's path today) against packed (SDPA with its
+"""Scoring one micro-batch padded (SDPA, `train.packed_scoring: false`) against packed (SDPA with its
 dense block mask, and FlexAttention for the teacher), at the CPU small preset's shape.
 
     python bench/packed_scoring.py             # small-teacher / small-student, 2 prompts x 4 responses
