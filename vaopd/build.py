@@ -14,9 +14,9 @@ from vaopd.data import Dataset, load_dataset
 from vaopd.distributed import DistEnv, HiddenAndHead, launched_by_torchrun, shard_model
 from vaopd.models import (base_model, check_vocabularies, enable_gradient_checkpointing, eos_token_ids, load_pretrained,
                           use_bf16)
+from vaopd.packing import PackedScorer
 from vaopd.rollout import HFGenerate, RolloutBackend, banned_token_ids
 from vaopd.runs import run_dir_of
-from vaopd.packing import PackedScorer
 from vaopd.scoring import Scorer
 from vaopd.strategy import FSDP, SingleProcess, Strategy, inference_copy, rollout_dtype
 from vaopd.tiny import is_tiny
@@ -161,7 +161,8 @@ def build_setup(cfg: Config, device: torch.device, student_source: str | None = 
                                                           banned)
     if getattr(rollout, "static", None) is not None:
         # One static cache length (one compiled decode graph) for every rollout of the run.
-        rollout.static.reserve(longest_prompt_bound(cfg, train_data, tokenizer, image_processor), cfg.rollout.max_new_tokens)
+        longest = longest_prompt_bound(cfg, train_data, tokenizer, image_processor)
+        rollout.static.reserve(longest, cfg.rollout.max_new_tokens)
     return Setup(student, teacher, tokenizer, image_processor, vocab, eos, banned, train_data, val_data, device, bf16,
                  rollout, strategy, build_scorer(cfg, strategy))
 

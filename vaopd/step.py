@@ -9,10 +9,10 @@ under torchrun; it samples, reduces and clips), the rollout engine (``Setup.roll
    seed and the step, which is what makes ``--resume`` exact);
 2. sample ``K`` responses per prompt from the student (the rollout engine, ``vaopd.rollout``);
 3. per micro-batch of whole sibling groups: run the frozen teacher's body once on a doubled
-   batch (clean image rows, then ablated image rows; or two packed rows, ``train.packed_scoring``)
-   for final hidden states only; run the
-   student's body with gradients; hand both hidden states and the LM-head weights to
-   ``vaopd.kernels.va_opd_loss`` and backpropagate;
+   batch (clean image rows, then ablated image rows; two packed rows with
+   ``train.packed_scoring``) for final hidden states only; run the student's body with
+   gradients; hand both hidden states and the LM-head weights to ``vaopd.kernels.va_opd_loss``
+   and backpropagate;
 4. clip, AdamW, cosine schedule.
 
 Non-finite numbers. A step whose rollout (sampling failed on non-finite weights), teacher hidden
