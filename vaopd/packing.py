@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
+from vaopd import torchvision_ops  # noqa: F401  first: transformers may import torchvision (see there)
 from vaopd.rollout import PromptBatch
 from vaopd.scoring import Scorer, body_hidden, scoring_inputs
 

@@ -25,6 +25,7 @@ import math
 import time
 
 import torch
+from vaopd import torchvision_ops  # noqa: F401  first: transformers may import torchvision (see there)
 from transformers import CompileConfig, LogitsProcessor
 
 __all__ = ["COMPILE_MODES", "compile_enabled", "StaticDecode", "DecodeClock"]

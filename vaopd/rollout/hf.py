@@ -10,6 +10,7 @@ from __future__ import annotations
 from contextlib import nullcontext
 
 import torch
+from vaopd import torchvision_ops  # noqa: F401  first: transformers may import torchvision (see there)
 from transformers import LogitsProcessorList
 
 from vaopd.rollout.decode import DecodeClock, StaticDecode, compile_enabled
