@@ -28,15 +28,18 @@ from dataclasses import dataclass
 
 import torch
 from PIL import Image, ImageDraw
+
+import vaopd  # noqa: F401  (first: its torchvision stand-ins must exist before transformers loads, .venv-vllm)
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (LogitsProcessor, LogitsProcessorList, PreTrainedTokenizerFast, Qwen3VLConfig,
                           Qwen3VLForConditionalGeneration)
 
 from vaopd.data import Record
+from vaopd.rollout import response_mask
 from vaopd.tiny import CHAT_TEMPLATE
 
 __all__ = ["ARCHS", "QWEN_TOKENS", "build_tokenizer", "model_config", "build_model", "synthetic_records", "LengthModel",
-           "ForcedLengths"]
+           "ForcedLengths", "forced_lengths_vllm"]
 
 # text: hidden, MLP, layers, heads, KV heads, head dim, tied head; vision: depth, hidden, MLP, heads,
 # deepstack layers. "small-*" keep the families' shape ratios at CPU size (M-RoPE sections scaled
@@ -228,5 +231,37 @@ class ForcedLengths:
         rows, prompt_len = kwargs["input_ids"].shape
         ends = self.lengths.draw(rows // self.k, self.k)
         self.drawn.append(ends)
-        processor = _EndAt(ends, prompt_len, self.eos_ids)
-        return self.model.generate(**kwargs, logits_processor=LogitsProcessorList([processor]))
+        processors = LogitsProcessorList([*kwargs.pop("logits_processor", []), _EndAt(ends, prompt_len, self.eos_ids)])
+        return self.model.generate(**kwargs, logits_processor=processors)
+
+
+def forced_lengths_vllm(lengths: LengthModel, **engine_options):
+    """A ``VLLMGenerate`` whose responses end at lengths drawn from ``lengths``, as ``ForcedLengths``
+    makes them in the HF engine: one request per response, ``max_tokens`` = its drawn length capped
+    at ``max_new_tokens``, the end tokens kept out (``ignore_eos`` and not allowed) until then, and
+    the last token of a response that ends under the cap set to the first end id. ``drawn``: the
+    lengths of each call. ``engine_options``: ``VLLMGenerate``'s arguments."""
+    from vaopd.rollout.vllm import VLLMGenerate
+
+    class ForcedLengthsVLLM(VLLMGenerate):
+        def requests(self, prompts: list[dict], k: int):
+            ends = lengths.draw(len(prompts), k)
+            self.drawn.append(ends)
+            self._ends = ends.tolist()
+            rows = len(prompts) * k
+            seeds = torch.randint(0, 2**31 - 1, (rows,)).tolist()
+            allowed = [i for i in self.allowed_ids if i not in self.eos_ids]
+            params = [self.sampling_params(n=1, seed=seed, max_tokens=min(end, self.max_new_tokens), ignore_eos=True,
+                                           allowed_token_ids=allowed) for seed, end in zip(seeds, self._ends)]
+            return [prompts[r // k] for r in range(rows)], params, [r // k for r in range(rows)]
+
+        def generate(self, prompts, k):
+            tokens, _ = super().generate(prompts, k)
+            for row, end in enumerate(self._ends):
+                if end <= self.max_new_tokens:
+                    tokens[row, end - 1] = self.eos_ids[0]
+            return tokens, response_mask(tokens, self.eos_ids)
+
+    engine = ForcedLengthsVLLM(**engine_options)
+    engine.lengths, engine.drawn = lengths, []
+    return engine

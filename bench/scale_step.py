@@ -2,6 +2,7 @@
 
     python bench/scale_step.py --preset paper    # GPU: 2B student, 8B teacher, 16 x 4 up to 4,096 tokens, bf16
     python bench/scale_step.py --preset small    # CPU: small models of the same families, shorter responses
+    python bench/scale_step.py --preset small --engine vllm    # the same step with vLLM sampling (.venv-vllm)
 
 The models are the paper's architectures with random weights (``bench/scale_models.py``: the
 published configurations, Qwen's vocabulary and token ids), built directly on the device. Prompts
@@ -10,11 +11,20 @@ response ends at a length drawn from a log-normal model (``LengthModel``: median
 tokens, siblings correlated, a long right tail; lengths past ``max_new_tokens`` end truncated); the
 real ``generate`` loop still runs every decode step, so the rollout costs what it would.
 
+``--engine``: ``hf`` (transformers ``generate``; ``--compile auto|on|off`` is its static-cache
+compiled decode, ``rollout.hf.compile``) or ``vllm`` (an in-process vLLM engine from a folder of
+the random student; one request per response with ``max_tokens`` from the same drawn length and
+``ignore_eos``). Both engines see the same prompts and the same drawn lengths. ``--scoring``:
+``packed`` (``train.packed_scoring: true``; this benchmark's default) or ``padded`` teacher and student passes. ``decode_ms``: ms
+per decode step (every row advances one token): measured inside ``generate`` for hf, the rollout
+time over the longest response for vLLM (its steps are scheduled internally).
+
 Printed and written to ``--out`` (``bench/out/scale_step``) as JSON and markdown: time per step
 and its phases (rollout, teacher scoring, student forward, the fused loss forward+backward,
 student backward, optimizer, other), valid response tokens per second, padding (positions computed
-per valid token, in the rollout and in the scoring passes), peak memory, and the padding expected
-at the preset's shape with and without length buckets (simulated from the length model).
+per valid token in the rollout, per needed position in the scoring passes), peak memory, and the
+scoring padding expected at the preset's shape padded with and without length buckets, and packed
+(simulated from the length model).
 
 ``--budget-s`` bounds the whole run: after the warm-up and a calibration step at
 ``--calib-tokens``, each measured step runs at the largest ``max_new_tokens`` (halving from the
@@ -36,16 +46,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from scale_models import ForcedLengths, LengthModel, build_model, build_tokenizer, synthetic_records  # noqa: E402
+from scale_models import (ForcedLengths, LengthModel, build_model, build_tokenizer, forced_lengths_vllm,  # noqa: E402
+                          synthetic_records)
 
-from vaopd.build import Setup, build_rollout  # noqa: E402
+from vaopd.build import Setup, build_rollout, build_scorer, longest_prompt_bound  # noqa: E402
 from vaopd.config import load_config  # noqa: E402
 from vaopd.data import Dataset  # noqa: E402
 from vaopd.models import (attn_implementation, check_vocabularies, enable_gradient_checkpointing,  # noqa: E402
                           eos_token_ids, use_bf16)
 from vaopd.optim import build_optimizer  # noqa: E402
 from vaopd.rollout import banned_token_ids, encode_prompts  # noqa: E402
-from vaopd.scoring import Scorer  # noqa: E402
 from vaopd.step import Timer, train_step  # noqa: E402
 from vaopd.strategy import SingleProcess  # noqa: E402
 from vaopd.tiny import build_image_processor  # noqa: E402
@@ -84,9 +94,17 @@ def parse_args(argv=None):
     p.add_argument("--calib-tokens", type=int, default=256, help="with --budget-s: a calibration step at this cap")
     p.add_argument("--max-new-tokens", type=int, default=0, help="0: the preset's")
     p.add_argument("--micro-batch-prompts", type=int, default=0, help="0: the preset's")
+    p.add_argument("--prompts", type=int, default=0,
+                   help="prompts per step; 0: the preset's (2 at the paper preset: one rank's slice of an 8-GPU step)")
     p.add_argument("--median", type=float, default=0.0, help="median response length; 0: the preset's")
     p.add_argument("--buckets", choices=["on", "off", "both"], default="both",
                    help="train.length_buckets; both: each measured step runs off, then on, on the same data and lengths")
+    p.add_argument("--engine", choices=["hf", "vllm"], default="hf", help="rollout engine (vllm: from .venv-vllm)")
+    p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
+                   help="hf engine: static KV cache and compiled decode step (auto: on for CUDA)")
+    p.add_argument("--scoring", choices=["packed", "padded"], default="packed", help="train.packed_scoring")
+    p.add_argument("--simulate-only", action="store_true",
+                   help="print the expected scoring padding at the preset's shape and exit (no model is built)")
     p.add_argument("--attn", default="auto", choices=["auto", "sdpa", "flash_attention_2", "eager"])
     p.add_argument("--budget-s", type=float, default=0.0, help="stop before this many seconds (0: no limit)")
     p.add_argument("--device", default="auto")
@@ -104,7 +122,8 @@ def build(args, preset: dict, lengths: LengthModel):
                  f"model.gradient_checkpointing={str(preset['checkpointing']).lower()}",
                  f"model.attn_implementation={args.attn}", f"data.min_pixels={preset['min_pixels']}",
                  f"data.max_pixels={preset['max_pixels']}", "data.val=", "log.progress=false", f"train.seed={args.seed}",
-                 f"train.run_dir={Path(args.out) / 'run'}", "data.instruction=", "optim.lr=1e-6", "optim.warmup_ratio=0"]
+                 f"train.run_dir={Path(args.out) / 'run'}", "data.instruction=", "optim.lr=1e-6", "optim.warmup_ratio=0",
+                 f"rollout.hf.compile={args.compile}", f"train.packed_scoring={str(args.scoring == 'packed').lower()}"]
     cfg = load_config(None, overrides)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
@@ -123,22 +142,40 @@ def build(args, preset: dict, lengths: LengthModel):
     student.train()
     eos = eos_token_ids(student, tokenizer)
     banned = banned_token_ids(tokenizer, rows, eos)
-    forced = ForcedLengths(student, lengths, eos, cfg.rollout.samples_per_prompt)
-    rollout = build_rollout(cfg, forced, eos, tokenizer.pad_token_id, banned)
-    records = synthetic_records(cfg.train.prompts_per_step * 8, preset["side"], seed=args.seed)
+    r = cfg.rollout
+    if args.engine == "vllm":
+        folder = Path(args.out) / "rollout_model"  # vLLM reads a model folder; its weights follow the student's
+        student.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        image_processor.save_pretrained(folder)
+        forced = rollout = forced_lengths_vllm(
+            lengths, model_dir=folder, device=device, dtype=torch.bfloat16 if bf16 else torch.float32, eos_ids=eos,
+            pad_id=tokenizer.pad_token_id, image_pad_id=tokenizer.convert_tokens_to_ids("<|image_pad|>"),
+            banned_ids=banned, lm_head_rows=rows, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+            max_new_tokens=r.max_new_tokens, gpu_memory_utilization=r.vllm.gpu_memory_utilization, sleep_mode=False,
+            kv_cache_gib=r.vllm.kv_cache_gib, max_model_len=r.max_new_tokens + 2048, enforce_eager=r.vllm.enforce_eager,
+            seed=args.seed, image_size={"shortest_edge": cfg.data.min_pixels, "longest_edge": cfg.data.max_pixels})
+    else:
+        forced = ForcedLengths(student, lengths, eos, r.samples_per_prompt)
+        rollout = build_rollout(cfg, forced, eos, tokenizer.pad_token_id, banned)
+    data = Dataset(synthetic_records(cfg.train.prompts_per_step * 8, preset["side"], seed=args.seed), source="synthetic")
+    if getattr(rollout, "static", None) is not None:  # one cache shape (one compiled decode graph) for the run
+        rollout.static.reserve(longest_prompt_bound(cfg, data, tokenizer, image_processor), r.max_new_tokens)
     strategy = SingleProcess(student, teacher, None, device)  # samples from the student itself (ForcedLengths)
-    s = Setup(student, teacher, tokenizer, image_processor, vocab, eos, banned, Dataset(records, source="synthetic"),
-              None, device, bf16, rollout, strategy, Scorer(strategy.student, strategy.teacher))
+    s = Setup(student, teacher, tokenizer, image_processor, vocab, eos, banned, data, None, device, bf16, rollout, strategy,
+              build_scorer(cfg, strategy))
     return cfg, s, forced, impl
 
 
 def simulate_padding(lengths: LengthModel, K: int, mb: int, cap: int, prompt_lens: list[int], buckets: bool,
-                     trim: bool, steps: int = 200) -> float:
-    """Expected scored positions per valid position (prompt + response) of a step's micro-batches,
-    over ``steps`` draws of the length model with the step's prompt lengths ``prompt_lens``.
+                     trim: bool, packed: bool = False, steps: int = 200) -> float:
+    """Expected scored positions per needed one of a step's micro-batches (``vaopd.scoring.scoring_padding``:
+    a row needs its prompt and its first ``n - 1`` response tokens), over ``steps`` draws of the
+    length model with the step's prompt lengths ``prompt_lens``.
 
     ``buckets``: groups ordered by their longest response (``train.length_buckets``); ``trim``:
-    prompts padded to the micro-batch's longest instead of the step's (``without_pad_columns``).
+    prompts padded to the micro-batch's longest instead of the step's (``without_pad_columns``);
+    ``packed``: the packed passes (``train.packed_scoring``), which compute the needed positions only.
     """
     sim = LengthModel(lengths.median, lengths.prompt_sigma, lengths.sample_sigma, seed=999)
     P = len(prompt_lens)
@@ -149,10 +186,43 @@ def simulate_padding(lengths: LengthModel, K: int, mb: int, cap: int, prompt_len
         order = sorted(range(P), key=lambda g: float(n[g].max())) if buckets and mb < P else list(range(P))
         for first in range(0, P, mb):
             groups = order[first:first + mb]
-            width = float(prompt[groups].max() if trim else prompt.max()) + float(n[groups].max())
-            computed += len(groups) * K * width
-            valid += K * float(prompt[groups].sum()) + float(n[groups].sum())
+            needed = K * float(prompt[groups].sum()) + float(n[groups].sum()) - len(groups) * K
+            width = float(prompt[groups].max() if trim else prompt.max()) + float(n[groups].max()) - 1
+            computed += needed if packed else len(groups) * K * width
+            valid += needed
     return computed / valid
+
+
+def expected_padding(lengths: LengthModel, K: int, mb: int, cap: int, prompt_lens: list[int]) -> dict:
+    """``simulate_padding`` padded (step-wide prompts, trimmed, trimmed with buckets) and packed."""
+    return {"before": simulate_padding(lengths, K, mb, cap, prompt_lens, buckets=False, trim=False),
+            "trim": simulate_padding(lengths, K, mb, cap, prompt_lens, buckets=False, trim=True),
+            "after": simulate_padding(lengths, K, mb, cap, prompt_lens, buckets=True, trim=True),
+            "packed": simulate_padding(lengths, K, mb, cap, prompt_lens, buckets=True, trim=True, packed=True),
+            "prompt_tokens": [min(prompt_lens), sum(prompt_lens) / len(prompt_lens), max(prompt_lens)],
+            "mean_response_tokens": lengths.mean(cap)}
+
+
+def simulate_only(args, preset: dict, lengths: LengthModel) -> int:
+    """``--simulate-only``: the expected scoring padding at the preset's shape, from its prompts'
+    real token counts (tokenizer and image processor only: no model is built)."""
+    tokenizer = build_tokenizer()
+    image_processor = build_image_processor(preset["min_pixels"], preset["max_pixels"])
+    records = synthetic_records(preset["prompts"] * 8, preset["side"], seed=args.seed)[:preset["prompts"]]
+    prompts = encode_prompts([r.question for r in records], [r.image for r in records], tokenizer, image_processor)
+    pad = expected_padding(lengths, preset["k"], preset["micro"], preset["max_new_tokens"],
+                           prompts.attention_mask.sum(1).tolist())
+    print(padding_line(pad))
+    (Path(args.out) / f"{args.preset}_padding.json").write_text(json.dumps(dict(settings=preset, **pad), indent=1) + "\n")
+    return 0
+
+
+def padding_line(pad: dict) -> str:
+    lo, mean, hi = pad["prompt_tokens"]
+    return (f"Expected scoring padding at this shape (200 simulated steps of the length model, mean response "
+            f"{pad['mean_response_tokens']:.0f} tokens, prompts {lo:.0f}/{mean:.0f}/{hi:.0f} min/mean/max): "
+            f"step-wide prompt padding, no buckets {pad['before']:.2f}; prompts trimmed per micro-batch "
+            f"{pad['trim']:.2f}; trimmed and length buckets {pad['after']:.2f}; packed {pad['packed']:.2f}.")
 
 
 def peak_gib(timer: Timer, device: torch.device) -> float:
@@ -190,6 +260,10 @@ def run_one(cfg, s, optimizer, scheduler, forced: ForcedLengths, step: int, labe
                    longest=int(drawn.clamp(max=cap).max()), drawn_mean=float(drawn.clamp(max=cap).float().mean()))
         row["time_other"] = row["time"] - sum(row[f"time_{k}"] for k in PHASES)
         row["rollout_tokens_per_s"] = row["tokens"] / max(row["time_rollout"], 1e-9)
+        stats = getattr(s.rollout, "stats", None) or {}
+        row["decode_ms"] = stats.get("decode_ms") or 1000 * row["time_rollout"] / max(row["longest"], 1)
+        if "graphs_compiled" in stats:
+            row.update(graphs_compiled=stats["graphs_compiled"], cache_len=stats["cache_len"])
     row["peak_gib"] = peak_gib(timer, s.device)
     row["phase_peak_gib"] = {k: v / 2**30 for k, v in timer.peaks.items()}
     return row
@@ -215,21 +289,22 @@ def fmt_row(r: dict) -> str:
         return f"| {r['run']} | {r['cap']} | {'on' if r['buckets'] else 'off'} | FAILED: {r['error']} ({done}) |"
     t = r["time"]
     shares = " | ".join(f"{r[f'time_{k}']:.2f} ({r[f'time_{k}'] / t:.0%})" for k in (*PHASES, "other"))
-    return (f"| {r['run']} | {r['cap']} | {'on' if r['buckets'] else 'off'} | {t:.2f} | {shares} | {r['response_len']:.0f} / "
+    return (f"| {r['run']} | {r['cap']} | {'on' if r['buckets'] else 'off'} | {t:.2f} | {r['decode_ms']:.1f} | {shares} | "
+            f"{r['response_len']:.0f} / "
             f"{r['longest']} | {r['truncated']:.0%} | {r['tokens_per_s']:.3g} | {r['rollout_tokens_per_s']:.3g} | "
             f"{r['rollout_padding']:.2f} | {r['scoring_padding']:.2f} | {r['peak_gib']:.1f} |")
 
 
-HEADER = ("| run | max new | buckets | step s | rollout s | teacher s | student fwd s | loss fwd+bwd s | student bwd s | "
+HEADER = ("| run | max new | buckets | step s | decode ms/step | rollout s | teacher s | student fwd s | loss fwd+bwd s | student bwd s | "
           "optimizer s | other s | mean / longest response | truncated | tokens/s | rollout tokens/s | rollout padding | "
-          "scoring padding | peak GiB |\n|" + "---|" * 18)
+          "scoring padding | peak GiB |\n|" + "---|" * 19)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     preset = dict(PRESETS[args.preset])
     for key, value in (("max_new_tokens", args.max_new_tokens), ("micro", args.micro_batch_prompts),
-                       ("median", args.median)):
+                       ("median", args.median), ("prompts", args.prompts)):
         if value:
             preset[key] = value
     t0 = time.perf_counter()
@@ -241,9 +316,12 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     lengths = LengthModel(preset["median"], PROMPT_SIGMA, SAMPLE_SIGMA, seed=args.seed)
+    if args.simulate_only:
+        return simulate_only(args, preset, lengths)
     rows: list[dict] = []
     notes: list[str] = []
-    info: dict = dict(preset=args.preset, args=vars(args), settings=preset)
+    info: dict = dict(preset=args.preset, engine=args.engine, args=vars(args), settings=preset,
+                      date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
     try:
         cfg, s, forced, impl = build(args, preset, lengths)
         info.update(device=torch.cuda.get_device_name(s.device) if s.device.type == "cuda" else
@@ -263,11 +341,9 @@ def main(argv=None) -> int:
         prompt_lens = first.attention_mask.sum(1).tolist()
         prompt_len = sum(prompt_lens) / len(prompt_lens)
         cap = preset["max_new_tokens"]
-        info["expected_scoring_padding"] = {
-            "before": simulate_padding(lengths, K, mb, cap, prompt_lens, buckets=False, trim=False),
-            "trim": simulate_padding(lengths, K, mb, cap, prompt_lens, buckets=False, trim=True),
-            "after": simulate_padding(lengths, K, mb, cap, prompt_lens, buckets=True, trim=True),
-            "prompt_tokens": [min(prompt_lens), prompt_len, max(prompt_lens)], "mean_response_tokens": lengths.mean(cap)}
+        if getattr(s.rollout, "static", None) is not None:
+            info["cache_len"] = s.rollout.static.cache_len
+        info["expected_scoring_padding"] = expected_padding(lengths, K, mb, cap, prompt_lens)
         step, ok = 0, True
 
         def go(label: str, at_cap: int, buckets: bool) -> bool:
@@ -333,24 +409,23 @@ def choose_cap(cal: dict, cap: int, args, lengths: LengthModel, prompt_len: floa
 
 
 def report(info: dict, out: Path) -> None:
-    lines = [f"# Scale step: preset {info['preset']}", "",
+    name = (info["preset"] + ("" if info["engine"] == "hf" else f"_{info['engine']}")
+            + ("" if info["args"]["scoring"] == "packed" else "_padded"))
+    engine = "vLLM" if info["engine"] == "vllm" else f"HF generate (compile {info['args']['compile']})"
+    lines = [f"# Scale step: preset {info['preset']}, rollout engine {engine}, {info['args']['scoring']} scoring", "",
              f"{info.get('device', '?')}, torch {info.get('torch', '?')}, transformers {info.get('transformers', '?')}, "
              f"attention {info.get('attn', '?')}; build {info.get('build_s', 0):.1f} s, run {info['total_s']:.1f} s.",
              f"Settings: {json.dumps(info['settings'])}", "", HEADER]
     lines += [fmt_row(r) for r in info["rows"]]
     pad = info.get("expected_scoring_padding")
     if pad:
-        lo, mean, hi = pad["prompt_tokens"]
-        lines += ["", f"Expected scoring padding at this shape (200 simulated steps of the length model, mean response "
-                      f"{pad['mean_response_tokens']:.0f} tokens, prompts {lo:.0f}/{mean:.0f}/{hi:.0f} min/mean/max): "
-                      f"step-wide prompt padding, no buckets {pad['before']:.2f}; prompts trimmed per micro-batch "
-                      f"{pad['trim']:.2f}; trimmed and length buckets {pad['after']:.2f}."]
+        lines += ["", padding_line(pad)]
     lines += [f"Note: {n}" for n in info["notes"]]
     text = "\n".join(lines)
     print("\n" + text, flush=True)
-    (out / f"{info['preset']}.md").write_text(text + "\n", encoding="utf-8")
-    (out / f"{info['preset']}.json").write_text(json.dumps(info, indent=1, default=str) + "\n", encoding="utf-8")
-    print(f"written to {out}/{info['preset']}.md and .json", flush=True)
+    (out / f"{name}.md").write_text(text + "\n", encoding="utf-8")
+    (out / f"{name}.json").write_text(json.dumps(info, indent=1, default=str) + "\n", encoding="utf-8")
+    print(f"written to {out}/{name}.md and .json", flush=True)
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ def weights_and_metrics(run: Path) -> tuple[dict, list[dict]]:
     """The checkpoints' files (SHA-256; not the config and manifest, which name the folder) and the
     metrics lines without the timing fields."""
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    timing = ("tokens_per_s", "time")
+    timing = ("tokens_per_s", "time", "decode_ms")
     files = {k: v for k, v in folder_hash(run / "checkpoints").items() if Path(k).name not in ("config.yaml", "manifest.json")}
     return files, [{k: v for k, v in r.items() if not any(t in k for t in timing)}
                                               for r in lines]

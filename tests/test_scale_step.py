@@ -40,3 +40,23 @@ def test_one_step_of_the_smoke_preset(tmp_path):
     assert row["response_len"] == row["drawn_mean"]  # every response ended at its drawn length (or the cap)
     assert row["rollout_padding"] >= 1 and row["scoring_padding"] >= 1
     assert (tmp_path / "smoke.md").read_text().count("| measured |") == 1
+    assert row["decode_ms"] > 0 and info["engine"] == "hf"
+
+
+def test_compiled_engine_step_samples_the_drawn_lengths(tmp_path):
+    # The static-cache compiled decode under a real trainer step: the responses end where the
+    # length model says, and the second step reuses the first step's graph.
+    assert main(["--preset", "smoke", "--steps", "1", "--warmup", "1", "--warmup-tokens", "8", "--buckets", "on",
+                 "--compile", "on", "--out", str(tmp_path)]) == 0
+    warm, row = json.loads((tmp_path / "smoke.json").read_text())["rows"]
+    assert "error" not in row and row["response_len"] == row["drawn_mean"]
+    assert warm["graphs_compiled"] >= 1 and row["graphs_compiled"] == 0 and row["cache_len"] == warm["cache_len"]
+
+
+def test_simulate_only_prints_the_expected_padding_without_models(tmp_path, capsys):
+    assert main(["--preset", "smoke", "--simulate-only", "--out", str(tmp_path)]) == 0
+    pad = json.loads((tmp_path / "smoke_padding.json").read_text())
+    assert pad["packed"] == 1.0  # packed passes compute the needed positions only
+    assert pad["before"] >= pad["trim"] >= 1.0 and pad["after"] >= 1.0
+    assert pad["prompt_tokens"][0] <= pad["prompt_tokens"][1] <= pad["prompt_tokens"][2]
+    assert "packed 1.00." in capsys.readouterr().out

@@ -98,7 +98,8 @@ def _designed_step(tmp_path, monkeypatch, buckets: bool):
     lengths (prompts 0 and 2: 10 tokens, 1 and 3: 2 tokens); returns the metrics, the sibling
     groups of each micro-batch (as the loss saw them) and the student after the step."""
     cfg = tiny_config(tmp_path, "train.prompts_per_step=4", "train.micro_batch_prompts=2",
-                      f"train.length_buckets={str(buckets).lower()}", name=f"buckets_{buckets}")
+                      f"train.length_buckets={str(buckets).lower()}", "train.packed_scoring=false",
+                      name=f"buckets_{buckets}")
     setup = build_mod.build_setup(cfg, torch.device("cpu"))
     eos, pad = setup.eos_ids[0], setup.tokenizer.pad_token_id
     lengths = [10, 2, 10, 2]

@@ -15,7 +15,6 @@ from pathlib import Path
 import torch
 
 import vaopd.build as build_mod
-import vaopd.scoring as scoring_mod
 import vaopd.step as step_mod
 import vaopd.train as train_mod
 from trainer_utils import free_port
@@ -70,16 +69,23 @@ def _script(argv: list[str]) -> int:
         at = argv.index("--nan-teacher")
         fault_rank, fault_call = int(argv[at + 1]), int(argv[at + 2])
         argv = argv[:at] + argv[at + 3:]
-        real_teacher, teacher_calls = scoring_mod.Scorer.teacher, []
+        real_build, teacher_calls = build_mod.build_scorer, []
 
-        def nan_teacher(self, *args):
-            clean, ablated, weight = real_teacher(self, *args)
-            teacher_calls.append(1)
-            if int(os.environ["RANK"]) == fault_rank and len(teacher_calls) == fault_call:
-                clean = clean * float("nan")
-            return clean, ablated, weight
+        def faulty_scorer(cfg, strategy):  # the scorer the run builds (packed or padded)
+            scorer = real_build(cfg, strategy)
+            real_teacher = scorer.teacher
 
-        scoring_mod.Scorer.teacher = nan_teacher
+            def nan_teacher(*args):
+                clean, ablated, weight = real_teacher(*args)
+                teacher_calls.append(1)
+                if int(os.environ["RANK"]) == fault_rank and len(teacher_calls) == fault_call:
+                    clean = clean * float("nan")
+                return clean, ablated, weight
+
+            scorer.teacher = nan_teacher
+            return scorer
+
+        build_mod.build_scorer = faulty_scorer
     if "--fault" in argv:
         at = argv.index("--fault")
         kind, fault_rank, fault_call = argv[at + 1], int(argv[at + 2]), int(argv[at + 3])

@@ -14,13 +14,14 @@ from vaopd.data import Dataset, load_dataset
 from vaopd.distributed import DistEnv, HiddenAndHead, launched_by_torchrun, shard_model
 from vaopd.models import (base_model, check_vocabularies, enable_gradient_checkpointing, eos_token_ids, load_pretrained,
                           use_bf16)
+from vaopd.packing import PackedScorer
 from vaopd.rollout import HFGenerate, RolloutBackend, banned_token_ids
 from vaopd.runs import run_dir_of
 from vaopd.scoring import Scorer
 from vaopd.strategy import FSDP, SingleProcess, Strategy, inference_copy, rollout_dtype
 from vaopd.tiny import is_tiny
 
-__all__ = ["Setup", "build_rollout", "build_vllm_rollout", "build_setup"]
+__all__ = ["Setup", "build_rollout", "build_scorer", "longest_prompt_bound", "build_vllm_rollout", "build_setup"]
 
 
 @dataclass
@@ -41,11 +42,34 @@ class Setup:
     scorer: Scorer  # teacher and student hidden states of a micro-batch (vaopd.scoring)
 
 
-def build_rollout(cfg: Config, model, eos_ids: list[int], pad_id: int, banned_ids: list[int]) -> RolloutBackend:
-    """The ``hf`` engine: transformers ``generate`` on ``model`` (the strategy's sampling model)."""
+def build_rollout(cfg: Config, model, eos_ids: list[int], pad_id: int, banned_ids: list[int]) -> HFGenerate:
+    """The ``hf`` engine: transformers ``generate`` on ``model`` (the strategy's sampling model),
+    with the static cache and compiled decode step when ``rollout.hf.compile`` turns them on."""
     r = cfg.rollout
     return HFGenerate(model, eos_ids=eos_ids, pad_id=pad_id, banned_ids=banned_ids, temperature=r.temperature, top_p=r.top_p,
-                      top_k=r.top_k, max_new_tokens=r.max_new_tokens, batch_prompts=r.batch_prompts)
+                      top_k=r.top_k, max_new_tokens=r.max_new_tokens, batch_prompts=r.batch_prompts,
+                      compile=r.hf.compile, cache_multiple=r.hf.cache_multiple)
+
+
+def build_scorer(cfg: Config, strategy: Strategy) -> Scorer:
+    """The scorer over the strategy's models: packed (``train.packed_scoring``) or padded."""
+    return (PackedScorer if cfg.train.packed_scoring else Scorer)(strategy.student, strategy.teacher)
+
+
+def longest_prompt_bound(cfg: Config, data: Dataset, tokenizer, image_processor) -> int:
+    """An upper bound on the tokens of any prompt of ``data``: its longest chat-formatted question
+    (with ``data.instruction``) plus the most image tokens an image within ``data.max_pixels`` gets.
+
+    The image processor resizes to multiples of ``patch_size * merge_size`` with at most
+    ``max_pixels`` pixels, so an image yields at most ``max_pixels // (patch_size * merge_size)**2``
+    tokens; no image is processed here.
+    """
+    factor = int(image_processor.patch_size) * int(getattr(image_processor, "merge_size", 2))
+    texts = [tokenizer.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": r.question + cfg.data.instruction}]}],
+        tokenize=False, add_generation_prompt=True) for r in data.records]
+    text_tokens = max(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
+    return text_tokens - 1 + cfg.data.max_pixels // factor**2  # the placeholder becomes the image tokens
 
 
 def build_vllm_rollout(cfg: Config, student, tokenizer, image_processor, source: str, device: torch.device, bf16: bool,
@@ -135,8 +159,12 @@ def build_setup(cfg: Config, device: torch.device, student_source: str | None = 
         strategy = FSDP(env, sharded, t_root if t_root is not None else HiddenAndHead(teacher), replica)
     rollout = vllm if vllm is not None else build_rollout(cfg, strategy.sampling_model(), eos, tokenizer.pad_token_id,
                                                           banned)
+    if getattr(rollout, "static", None) is not None:
+        # One static cache length (one compiled decode graph) for every rollout of the run.
+        longest = longest_prompt_bound(cfg, train_data, tokenizer, image_processor)
+        rollout.static.reserve(longest, cfg.rollout.max_new_tokens)
     return Setup(student, teacher, tokenizer, image_processor, vocab, eos, banned, train_data, val_data, device, bf16,
-                 rollout, strategy, Scorer(strategy.student, strategy.teacher))
+                 rollout, strategy, build_scorer(cfg, strategy))
 
 
 def _check_distributed(cfg: Config, env: DistEnv) -> None:

@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from vaopd.kernels.spec import LossSpec
 
 __all__ = [
-    "ConfigError", "ModelConfig", "LoraConfig", "DataConfig", "VLLMConfig", "RolloutConfig", "LossConfig",
+    "ConfigError", "ModelConfig", "LoraConfig", "DataConfig", "HFConfig", "VLLMConfig", "RolloutConfig", "LossConfig",
     "OptimConfig", "TrainConfig", "SubsetConfig", "EvalConfig", "LogConfig", "DistributedConfig", "Config",
     "load_config", "read_config_file", "to_dict", "to_yaml", "resume_changes",
 ]
@@ -134,6 +134,24 @@ class VLLMConfig(Section):
     max_model_len: int | None = setting(None, was=0, gt=0)
 
 
+class HFConfig(Section):
+    # Read only with rollout.engine: hf (docs/training.md, "Rollout engines").
+    resume_safe: ClassVar[bool] = True
+    # Static KV cache and a compiled decode step (vaopd.rollout.decode): on, off, or auto (on for
+    # CUDA, off on a CPU, where the first compile costs seconds and a step gains little). The
+    # sampled tokens are the same either way for the same weights and seed.
+    compile: Literal["auto", "on", "off"] = "auto"
+    # With the static cache: its length is prompt + max_new_tokens rounded up to this multiple
+    # (one cache shape, hence one compiled graph, per cap).
+    cache_multiple: int = setting(256, gt=0)
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, value: Any) -> Any:
+        # YAML reads a bare on / off as true / false.
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+
+
 class RolloutConfig(Section):
     # hf: transformers generate on the student itself. vllm: an in-process vLLM engine whose
     # weights follow the student (needs the vllm extra in its own environment: README, "Three commands").
@@ -145,6 +163,7 @@ class RolloutConfig(Section):
     max_new_tokens: int = setting(16, gt=0)
     # Prompts per generate() call (hf engine); null: all prompts of the optimizer step in one call.
     batch_prompts: int | None = setting(None, was=0, gt=0)
+    hf: HFConfig = setting(HFConfig)
     vllm: VLLMConfig = setting(VLLMConfig)
 
 
@@ -206,6 +225,12 @@ class TrainConfig(Section):
     # Single process: fill micro-batches with sibling groups of similar response length (less
     # padding in teacher scoring and the student's passes; the step's gradient is unchanged).
     length_buckets: bool = True
+    # Score prompt + response of a micro-batch's rows as one packed sequence (vaopd.packing: only
+    # valid positions); false: the padded [rows, prompt + response] batch. Both give the same
+    # hidden states and gradient up to float rounding, hence safe to change on --resume. Off by
+    # default: its attention memory is bounded only with flash-attention's variable-length kernels;
+    # without them transformers masks a packed row with a dense [total x total] block mask.
+    packed_scoring: bool = setting(False, safe=True)
     # Optimizer steps of the run (the schedule's length); null: epochs * (train records // prompts_per_step).
     max_steps: int | None = setting(None, safe=True, was=0, gt=0)
     epochs: float | None = setting(1.0, safe=True, was=0, gt=0)  # read when max_steps is null

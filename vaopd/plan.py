@@ -9,6 +9,7 @@ from vaopd.data import load_dataset
 from vaopd.models import attn_implementation, base_model, check_vocabularies, load_pretrained, loading, resolve_device, use_bf16
 from vaopd.optim import total_steps
 from vaopd.rollout import encode_prompts
+from vaopd.rollout.decode import compile_enabled
 from vaopd.runs import run_dir_of
 from vaopd.tiny import is_tiny
 
@@ -64,9 +65,13 @@ def build_plan(cfg: Config) -> str:
     tc = teacher.config.get_text_config()
     sc = base_model(student).config.get_text_config()
     seq = prompt_len + cfg.rollout.max_new_tokens
+    compiled = cfg.rollout.engine == "hf" and compile_enabled(cfg.rollout.hf.compile, device)
+    multiple = cfg.rollout.hf.cache_multiple
+    cache_len = -(-seq // multiple) * multiple  # the static cache's positions (vaopd.rollout.decode)
     rollout_rows = (cfg.rollout.batch_prompts or P) * K
     act_bytes = 2 if bf16 else 4
-    kv = 2 * sc.num_hidden_layers * sc.num_key_value_heads * sc.head_dim * act_bytes * rollout_rows * seq
+    kv = (2 * sc.num_hidden_layers * sc.num_key_value_heads * sc.head_dim * act_bytes * rollout_rows
+          * (cache_len if compiled else seq))
     hidden = mb * K * seq * (sc.hidden_size + 2 * tc.hidden_size) * act_bytes
     mem = {
         "student weights+grads+AdamW (fp32)": (s_total * 4 + s_train * 12) / gib,
@@ -99,6 +104,9 @@ def build_plan(cfg: Config) -> str:
                          f"in-process vLLM (its weight copy below; its KV cache, not below: what is left of "
                          f"{cfg.rollout.vllm.gpu_memory_utilization:g} of the GPU, or {cfg.rollout.vllm.kv_cache_gib:g} GiB "
                          "on a CPU)"),
+        *([f"  decode: {'compiled, static KV cache of ' + str(cache_len) + ' positions' if compiled else 'eager, dynamic KV cache'}"
+           f" (rollout.hf.compile: {cfg.rollout.hf.compile})"] if cfg.rollout.engine == "hf" else []),
+        f"  scoring: {'packed (valid positions only)' if cfg.train.packed_scoring else 'padded'} (train.packed_scoring)",
         "  memory estimate (GiB, excluding activations and allocator slack):",
         *[f"    {k}: {v:.3f}" for k, v in mem.items()],
         f"    total: {sum(mem.values()):.3f}",

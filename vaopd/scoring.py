@@ -16,8 +16,8 @@ from vaopd.rollout import PromptBatch, prompt_pixels
 if TYPE_CHECKING:
     from vaopd.config import Config
 
-__all__ = ["scoring_inputs", "response_states", "response_hidden", "teacher_hidden", "ablation_seed", "ablated_view",
-           "Scorer"]
+__all__ = ["scoring_inputs", "response_states", "response_hidden", "body_hidden", "teacher_hidden", "ablation_seed",
+           "ablated_view", "scoring_padding", "Scorer"]
 
 
 def scoring_inputs(prompts: PromptBatch, tokens: torch.Tensor, mask: torch.Tensor) -> dict:
@@ -48,6 +48,14 @@ def response_hidden(model, prompts: PromptBatch, tokens: torch.Tensor, mask: tor
     return response_states(model.model(**scoring_inputs(prompts, tokens, mask)).last_hidden_state, prompts)
 
 
+def body_hidden(model, inputs: dict) -> torch.Tensor:
+    """Final hidden states of ``model`` on ``inputs``: a transformers VLM's body (no LM head, no
+    logits) or the forward of a ``HiddenAndHead`` root over one (FSDP-sharded or not)."""
+    if isinstance(model, HiddenAndHead):
+        return model(**inputs)[0]
+    return model.model(**inputs).last_hidden_state
+
+
 def teacher_hidden(teacher, prompts: PromptBatch, ablated_pixels: torch.Tensor | None, tokens, mask):
     """Teacher final hidden states ``[rows, T, Dt]`` for the clean and ablated views (or None).
 
@@ -60,11 +68,7 @@ def teacher_hidden(teacher, prompts: PromptBatch, ablated_pixels: torch.Tensor |
         inputs = {k: (torch.cat([v, v]) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
         inputs["pixel_values"] = torch.cat([prompts.pixel_values, ablated_pixels])
     with torch.no_grad():
-        if isinstance(teacher, HiddenAndHead):
-            hidden = teacher(**inputs)[0]
-        else:
-            hidden = teacher.model(**inputs).last_hidden_state
-    hidden = response_states(hidden, prompts)
+        hidden = response_states(body_hidden(teacher, inputs), prompts)
     if ablated_pixels is None:
         return hidden, None
     return hidden.chunk(2)
@@ -91,12 +95,33 @@ def ablated_view(cfg: Config, records, prompts: PromptBatch, image_processor, *,
     return prompts.with_pixels(prompt_pixels(images, image_processor, prompts.image_grid_thw))
 
 
+def scoring_padding(prompts: PromptBatch, mask: torch.Tensor, packed: bool) -> tuple[int, int]:
+    """``(computed, needed)`` positions of one scoring pass over ``prompts`` and ``[rows, T]`` responses.
+
+    needed: per row its valid prompt tokens plus its first ``n - 1`` response tokens (the inputs
+    whose hidden states predict the ``n`` valid response tokens), ``sum(Lp_i + n_i - 1)``. computed:
+    that same sum when packed (``vaopd.packing``); padded, ``rows x (Lp + T - 1)`` with ``Lp`` the
+    prompts' padded length and ``T`` the responses' (the step trims both to the micro-batch's
+    longest valid ones). The step logs ``scoring_padding`` as the sum of ``computed`` over the sum
+    of ``needed`` of its passes.
+    """
+    n = mask.bool().sum(1)
+    prompt = prompts.attention_mask.sum(1)
+    needed = int((prompt + n - 1).clamp(min=0).sum())
+    if packed:
+        return needed, needed
+    return mask.shape[0] * (prompts.attention_mask.shape[1] + mask.shape[1] - 1), needed
+
+
 class Scorer:
-    """Scores a micro-batch's responses with the teacher (both views) and the student.
+    """Scores a micro-batch's responses with the teacher (both views) and the student, padded:
+    ``[rows, Lp + T - 1]`` per pass (``vaopd.packing.PackedScorer`` packs them instead).
 
     ``student`` / ``teacher``: ``HiddenAndHead``-style modules (a strategy's, ``vaopd.strategy``)
     whose forward on ``scoring_inputs`` returns ``(final hidden, LM-head weight)``.
     """
+
+    packed = False
 
     def __init__(self, student: torch.nn.Module, teacher: torch.nn.Module):
         self.student_model, self.teacher_model = student, teacher
@@ -113,3 +138,7 @@ class Scorer:
         """``(hidden [rows, T, Ds], LM-head weight [V, Ds])`` with gradients."""
         hidden, weight = self.student_model(**scoring_inputs(prompts, tokens, mask))
         return response_states(hidden, prompts), weight
+
+    def padding(self, prompts: PromptBatch, mask: torch.Tensor) -> tuple[int, int]:
+        """``(computed, needed)`` positions of one pass of this scorer (``scoring_padding``)."""
+        return scoring_padding(prompts, mask, packed=self.packed)

@@ -9,9 +9,10 @@ under torchrun; it samples, reduces and clips), the rollout engine (``Setup.roll
    seed and the step, which is what makes ``--resume`` exact);
 2. sample ``K`` responses per prompt from the student (the rollout engine, ``vaopd.rollout``);
 3. per micro-batch of whole sibling groups: run the frozen teacher's body once on a doubled
-   batch (clean image rows, then ablated image rows) for final hidden states only; run the
-   student's body with gradients; hand both hidden states and the LM-head weights to
-   ``vaopd.kernels.va_opd_loss`` and backpropagate;
+   batch (clean image rows, then ablated image rows; two packed rows with
+   ``train.packed_scoring``) for final hidden states only; run the student's body with
+   gradients; hand both hidden states and the LM-head weights to ``vaopd.kernels.va_opd_loss``
+   and backpropagate;
 4. clip, AdamW, cosine schedule.
 
 Non-finite numbers. A step whose rollout (sampling failed on non-finite weights), teacher hidden
@@ -142,7 +143,7 @@ def train_step(cfg: Config, s: Setup, optimizer, scheduler, step: int, timer: Ti
                    if cfg.loss.method == "va_opd" else None)
         truncated = ~(torch.isin(tokens, torch.tensor(s.eos_ids)) & mask.bool()).any(dim=1)  # no EOS among the valid tokens
         # Padding: rollout positions per valid response token, and scored (prompt + response)
-        # positions per valid one in the teacher's and student's passes.
+        # positions per needed one in the teacher's and student's passes (1 when packed).
         sums = {"truncated": float(truncated.sum()), "rollout_positions": float(mask.numel()),
                 "scored_positions": 0.0, "scored_valid": 0.0}
         for part in sampled.parts:
@@ -162,8 +163,9 @@ def train_step(cfg: Config, s: Setup, optimizer, scheduler, step: int, timer: Ti
                 strategy.done_with_teacher()
                 non_finite = "teacher"
                 break
-            sums["scored_positions"] += m_mask.numel() + m_prompts.attention_mask.numel()
-            sums["scored_valid"] += float(m_mask.sum() + m_prompts.attention_mask.sum())
+            computed, needed = s.scorer.padding(m_prompts, m_mask)
+            sums["scored_positions"] += computed
+            sums["scored_valid"] += needed
             with timer("student_forward"):
                 with autocast:
                     s_hidden, s_weight = s.scorer.student(m_prompts, m_tokens, m_mask)
@@ -212,9 +214,18 @@ def train_step(cfg: Config, s: Setup, optimizer, scheduler, step: int, timer: Ti
         "step": step + 1, "va_estimator": cfg.loss.va if cfg.loss.method == "va_opd" else None, **_step_metrics(sums, loss_total, va=cfg.loss.method == "va_opd", scored=non_finite not in ("rollout", "teacher")),
         "tokens_per_s": sums["tokens"] / elapsed if "tokens" in sums else math.nan, "grad_norm": grad_norm, "lr": lr,
         "skipped": non_finite is not None, "non_finite": non_finite,
+        **_rollout_stats(s.rollout if sampled is not None else None),
         "time": elapsed, **{f"time_{k}": v for k, v in timer.times.items()},
         "records": [r.id for r in records],
     }
+
+
+def _rollout_stats(rollout) -> dict:
+    """The engine's figures of this step's rollout (``HFGenerate.stats``): ms per decode step and,
+    with the compiled decode, graphs compiled during it (0 once shapes recur); None where the
+    engine does not measure them or the rollout failed."""
+    stats = getattr(rollout, "stats", None) or {}
+    return {"decode_ms": stats.get("decode_ms"), "graphs_compiled": stats.get("graphs_compiled")}
 
 
 def _step_metrics(sums: dict[str, float], loss: float, *, va: bool, scored: bool) -> dict:

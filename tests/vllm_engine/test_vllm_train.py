@@ -62,7 +62,8 @@ def test_every_rank_runs_its_own_engine_under_torchrun(tmp_path):
     run_dir = tmp_path / "two"
     settings = ["rollout.engine=vllm", "train.device=cpu", "train.precision=fp32", "train.prompts_per_step=2",
                 "rollout.samples_per_prompt=2", "rollout.max_new_tokens=6", "data.tiny_train_size=8", "data.val=",
-                "log.progress=false", "train.max_steps=2", f"train.run_dir={run_dir}", "distributed.timeout_s=120"]
+                "log.progress=false", "log.rollouts_every=0", "train.max_steps=2", f"train.run_dir={run_dir}",
+                "distributed.timeout_s=120"]
     root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",

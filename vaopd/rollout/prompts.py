@@ -130,7 +130,9 @@ class RolloutBackend(Protocol):
 
     An engine that keeps its own copy of the weights also has ``load_weights(named_tensors)``
     (the student's ``(state-dict name, tensor)`` pairs, called before every rollout) and may have
-    ``release()`` (free memory once the rollout is done); ``vaopd.strategy`` calls them.
+    ``release()`` (free memory once the rollout is done); ``vaopd.strategy`` calls them. An engine
+    may expose ``stats`` (a dict of figures of its last ``generate`` call: ``decode_ms``,
+    ``graphs_compiled``), which the step copies into its metrics record.
     """
 
     def generate(self, prompts: PromptBatch, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -126,6 +126,22 @@ class VLLMGenerate:
             self.llm.sleep(level=2)
             self._asleep = True
 
+    def sampling_params(self, **overrides):
+        """The config's ``SamplingParams`` (``n``, ``seed``, ``max_tokens``, ... as ``overrides``)."""
+        options = dict(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k or 0,
+                       max_tokens=self.max_new_tokens, stop_token_ids=self.eos_ids, allowed_token_ids=self.allowed_ids, detokenize=False)
+        return self._vllm.SamplingParams(**{**options, **overrides})
+
+    def requests(self, prompts: list[dict], k: int) -> tuple[list[dict], list, list[int]]:
+        """``(requests, sampling params, prompt of each request)``: one request of ``k`` samples per prompt.
+
+        Each request is seeded from torch's default generator; vLLM gives its k samples seeds
+        seed, seed + 1, ... Outputs come back in request order, samples in their index order, so
+        the rows are prompt-major as ``RolloutBackend`` requires.
+        """
+        seeds = torch.randint(0, 2**31 - 1, (len(prompts),)).tolist()
+        return prompts, [self.sampling_params(n=k, seed=seed) for seed in seeds], list(range(len(prompts)))
+
     @torch.no_grad()
     def generate(self, prompts: PromptBatch, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self._asleep:
@@ -137,16 +153,11 @@ class VLLMGenerate:
         # template's single placeholder, and check below that it expanded to the trainer's ids.
         pad = self.image_pad_id
         template = [[t for j, t in enumerate(r) if t != pad or j == 0 or r[j - 1] != pad] for r in ids]
-        # One seed per prompt request; vLLM gives its k samples seeds seed, seed + 1, ...
-        seeds = torch.randint(0, 2**31 - 1, (len(ids),)).tolist()
         requests = [{"prompt_token_ids": p, "multi_modal_data": {"image": image}}
                     for p, image in zip(template, prompts.images)]
-        params = [self._vllm.SamplingParams(
-            n=k, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k or 0, max_tokens=self.max_new_tokens,
-            seed=seed, stop_token_ids=self.eos_ids, allowed_token_ids=self.allowed_ids, detokenize=False,
-        ) for seed in seeds]
+        requests, params, owners = self.requests(requests, k)
         outputs = self.llm.generate(requests, params, use_tqdm=False)
-        for i, out in enumerate(outputs):
+        for out, i in zip(outputs, owners):
             if list(out.prompt_token_ids) != ids[i]:
                 raise RuntimeError(f"vLLM expanded prompt {i} to {len(out.prompt_token_ids)} tokens, not to the trainer's "
                                    f"{len(ids[i])}: its image processor makes other patch grids than the trainer's")
