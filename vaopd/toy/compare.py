@@ -349,9 +349,11 @@ def _table(results: dict) -> str:
         s = stats.get(key)
         if s is None or math.isnan(s["mean"]):
             return "-"
+        # Weight shares on the readings are fractions of a percent for a good reader: 4 decimals.
+        d = 4 if key.startswith("weights.") and key.endswith((".wrong", ".right")) else 3
         if "low" in s:
-            return f"{s['mean']:+.3f} [{s['low']:+.3f}, {s['high']:+.3f}]" if s["n"] > 1 else f"{s['mean']:+.3f}"
-        return f"{s['mean']:.3f} ± {s['std']:.3f}" if s["n"] > 1 else f"{s['mean']:.3f}"
+            return f"{s['mean']:+.{d}f} [{s['low']:+.{d}f}, {s['high']:+.{d}f}]" if s["n"] > 1 else f"{s['mean']:+.{d}f}"
+        return f"{s['mean']:.{d}f} ± {s['std']:.{d}f}" if s["n"] > 1 else f"{s['mean']:.{d}f}"
 
     # The teacher's row measures it on its own rollouts and against itself (KL 0): what reading the digits looks like.
     rows = [("teacher (SFT, own rollouts)", _summary([results["teacher"]])),
