@@ -124,7 +124,7 @@ def test_engine_and_scoring_fields(tmp_path):
     assert load_config(path, []).rollout.hf.compile == "off"
     # None of them changes the optimisation: --resume may change them.
     saved = yaml.safe_load(yaml.safe_dump(to_dict(cfg)))
-    changed = load_config(None, ["rollout.hf.compile=on", "rollout.hf.cache_multiple=128", "train.packed_scoring=false"])
+    changed = load_config(None, ["rollout.hf.compile=on", "rollout.hf.cache_multiple=128", "train.packed_scoring=true"])
     refused, allowed = resume_changes(saved, changed)
     assert refused == [] and len(allowed) == 3
 
@@ -132,8 +132,8 @@ def test_engine_and_scoring_fields(tmp_path):
 def test_dry_run_names_the_decode_and_scoring_modes(tmp_path):
     plan = build_plan(tiny_config(tmp_path))
     assert "decode: eager, dynamic KV cache (rollout.hf.compile: auto)" in plan  # auto is off on a CPU
-    assert "scoring: packed (valid positions only) (train.packed_scoring)" in plan
+    assert "scoring: padded (train.packed_scoring)" in plan  # off by default
     plan = build_plan(tiny_config(tmp_path, "rollout.hf.compile=on", "rollout.hf.cache_multiple=64",
-                                  "train.packed_scoring=false"))
+                                  "train.packed_scoring=true"))
     assert "decode: compiled, static KV cache of " in plan and "(rollout.hf.compile: on)" in plan
-    assert "scoring: padded (train.packed_scoring)" in plan
+    assert "scoring: packed (valid positions only) (train.packed_scoring)" in plan
