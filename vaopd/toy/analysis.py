@@ -28,15 +28,35 @@ from vaopd.scoring import response_hidden
 __all__ = ["accuracy_by_kind", "token_logps", "visual_profile"]
 
 
-def _generation_ids(model, tokenizer) -> tuple[list[int], list[int]]:
+def generation_ids(model, tokenizer) -> tuple[list[int], list[int]]:
+    """The EOS ids and the ids sampling must never produce (special tokens, LM-head padding rows)."""
     eos = eos_token_ids(model, tokenizer)
     return eos, banned_token_ids(tokenizer, model.get_output_embeddings().weight.shape[0], eos)
+
+
+def rollout_batches(backend, records, tokenizer, image_processor, *, samples: int, seed: int, batch_prompts: int,
+                    instruction: str = "", pixelate_factor: float = 0.1):
+    """Sample ``samples`` rollouts per record, ``batch_prompts`` records at a time, under ``seed``
+    (the caller's RNG state is restored afterwards). Yields per batch: the records, ``tokens`` and
+    ``mask`` ``[rows, T]``, each row's record index in the batch, the prompts repeated per row, and
+    the pixelated image's pixel values repeated per row."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for start in range(0, len(records), batch_prompts):
+            chunk = records[start:start + batch_prompts]
+            prompts = encode_prompts([r.question + instruction for r in chunk], [r.image for r in chunk], tokenizer,
+                                     image_processor)
+            ablated = prompt_pixels([ablate(r.image, "pixelate", pixelate_factor=pixelate_factor) for r in chunk],
+                                    image_processor, prompts.image_grid_thw)
+            tokens, mask = backend.generate(prompts, samples)
+            yield (chunk, tokens, mask, torch.arange(len(chunk)).repeat_interleave(samples), prompts.repeat(samples),
+                   prompts.with_pixels(ablated).repeat(samples).pixel_values)
 
 
 def accuracy_by_kind(model, tokenizer, image_processor, records, kinds: dict[str, str], *, samples: int,
                      temperature: float, max_new_tokens: int, seed: int, instruction: str = "") -> dict[str, float]:
     """``vaopd.eval.evaluate`` accuracy separately for each question kind (``kinds``: record id -> kind)."""
-    eos, banned = _generation_ids(model, tokenizer)
+    eos, banned = generation_ids(model, tokenizer)
     out = {}
     for kind in sorted(set(kinds.values())):
         subset = [r for r in records if kinds[r.id] == kind]
@@ -82,40 +102,32 @@ def visual_profile(student, teacher, tokenizer, image_processor, records, kinds:
                    pixelate_factor: float = 0.1, instruction: str = "", batch_prompts: int = 32) -> dict[str, dict]:
     """The teacher's VA concentration and the student's visual reliance on the student's rollouts, per kind."""
     student.eval()
-    eos, banned = _generation_ids(student, tokenizer)
+    eos, banned = generation_ids(student, tokenizer)
     backend = HFGenerate(student, eos_ids=eos, pad_id=tokenizer.pad_token_id, banned_ids=banned,
                          temperature=temperature, top_p=1.0, max_new_tokens=max_new_tokens)
     vocab = len(tokenizer)
     acc: dict[str, dict[str, list[float]]] = {}
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for start in range(0, len(records), batch_prompts):
-            chunk = records[start:start + batch_prompts]
-            prompts = encode_prompts([r.question + instruction for r in chunk], [r.image for r in chunk], tokenizer, image_processor)
-            ablated = prompt_pixels([ablate(r.image, "pixelate", pixelate_factor=pixelate_factor) for r in chunk],
-                                    image_processor, prompts.image_grid_thw)
-            tokens, mask = backend.generate(prompts, samples)
-            rows = torch.arange(len(chunk)).repeat_interleave(samples)
-            batch = prompts.repeat(samples)
-            abl = prompts.with_pixels(ablated).repeat(samples).pixel_values
-            t_clean, t_abl = token_logps(teacher, batch, abl, tokens, mask, vocab)
-            s_clean, s_abl = token_logps(student, batch, abl, tokens, mask, vocab)
-            va = torch.where(mask, (t_clean - t_abl).clamp_min(0), 0.0)
-            high = high_group(va, mask, high_fraction)
-            reliance = s_clean - s_abl
-            for kind in set(kinds[r.id] for r in chunk):
-                sel = torch.tensor([kinds[chunk[int(i)].id] == kind for i in rows])
-                m, h = mask[sel], high[sel]
-                stats = acc.setdefault(kind, {k: [] for k in ("va", "high_tokens", "share", "frac80", "rel", "rel_high", "tokens", "responses")})
-                shares, fractions = _concentration(va[sel], m, h)
-                stats["share"] += shares
-                stats["frac80"] += fractions
-                stats["va"].append(float(va[sel][m].sum()))
-                stats["rel"].append(float(reliance[sel][m].sum()))
-                stats["rel_high"].append(float(reliance[sel][h].sum()))
-                stats["high_tokens"].append(float(h.sum()))
-                stats["responses"].append(float(sel.sum()))
-                stats["tokens"].append(float(m.sum()))
+    for chunk, tokens, mask, rows, batch, abl in rollout_batches(
+            backend, records, tokenizer, image_processor, samples=samples, seed=seed, batch_prompts=batch_prompts,
+            instruction=instruction, pixelate_factor=pixelate_factor):
+        t_clean, t_abl = token_logps(teacher, batch, abl, tokens, mask, vocab)
+        s_clean, s_abl = token_logps(student, batch, abl, tokens, mask, vocab)
+        va = torch.where(mask, (t_clean - t_abl).clamp_min(0), 0.0)
+        high = high_group(va, mask, high_fraction)
+        reliance = s_clean - s_abl
+        for kind in set(kinds[r.id] for r in chunk):
+            sel = torch.tensor([kinds[chunk[int(i)].id] == kind for i in rows])
+            m, h = mask[sel], high[sel]
+            stats = acc.setdefault(kind, {k: [] for k in ("va", "high_tokens", "share", "frac80", "rel", "rel_high", "tokens", "responses")})
+            shares, fractions = _concentration(va[sel], m, h)
+            stats["share"] += shares
+            stats["frac80"] += fractions
+            stats["va"].append(float(va[sel][m].sum()))
+            stats["rel"].append(float(reliance[sel][m].sum()))
+            stats["rel_high"].append(float(reliance[sel][h].sum()))
+            stats["high_tokens"].append(float(h.sum()))
+            stats["responses"].append(float(sel.sum()))
+            stats["tokens"].append(float(m.sum()))
     out = {}
     for kind, s in sorted(acc.items()):
         tokens = sum(s["tokens"])

@@ -34,9 +34,9 @@ import torch
 
 from vaopd.ablate import ablate
 from vaopd.kernels import LossSpec, va_opd_loss
-from vaopd.models import eos_token_ids
-from vaopd.rollout import HFGenerate, banned_token_ids, encode_prompts, prompt_pixels
+from vaopd.rollout import HFGenerate, encode_prompts, prompt_pixels
 from vaopd.scoring import response_hidden, teacher_hidden
+from vaopd.toy.analysis import generation_ids, rollout_batches
 from vaopd.toy.digits import reading_digits, reading_positions
 from vaopd.toy.sft import response_tokens
 
@@ -151,9 +151,8 @@ def loss_weight_probe(student, teacher, tokenizer, image_processor, records, row
     teacher.eval()
     detail = [r for r in records if rows[r.id]["kind"] == "detail"]
     vocab = len(tokenizer)
-    eos = eos_token_ids(student, tokenizer)
-    backend = HFGenerate(student, eos_ids=eos, pad_id=tokenizer.pad_token_id,
-                         banned_ids=banned_token_ids(tokenizer, student.get_output_embeddings().weight.shape[0], eos),
+    eos, banned = generation_ids(student, tokenizer)
+    backend = HFGenerate(student, eos_ids=eos, pad_id=tokenizer.pad_token_id, banned_ids=banned,
                          temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
     specs = {label: objective_spec(label, weight_temperature=weight_temperature, high_fraction=high_fraction,
                                    high_weight=high_weight) for label in objectives}
@@ -161,36 +160,27 @@ def loss_weight_probe(student, teacher, tokenizer, image_processor, records, row
     counts = {"readings": 0, "wrong_readings": 0, "tokens": 0}
     s_weight = student.get_output_embeddings().weight
     t_weight = teacher.get_output_embeddings().weight
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for start in range(0, len(detail), batch_prompts):
-            chunk = detail[start:start + batch_prompts]
-            prompts = encode_prompts([r.question + instruction for r in chunk], [r.image for r in chunk], tokenizer,
-                                     image_processor)
-            ablated = prompt_pixels([ablate(r.image, "pixelate", pixelate_factor=pixelate_factor) for r in chunk],
-                                    image_processor, prompts.image_grid_thw)
-            tokens, mask = backend.generate(prompts, samples)
-            owner = torch.arange(len(chunk)).repeat_interleave(samples)
-            batch = prompts.repeat(samples)
-            abl = prompts.with_pixels(ablated).repeat(samples).pixel_values
-            s_hidden = response_hidden(student, batch, tokens, mask)
-            t_clean, t_abl = teacher_hidden(teacher, batch, abl, tokens, mask)
-            # Each rollout's readings: +1 right, -1 wrong, 0 elsewhere.
-            reading = torch.zeros(tokens.shape, dtype=torch.long)
-            for b in range(tokens.shape[0]):
-                valid = tokens[b][mask[b]].tolist()
-                pieces = [tokenizer.decode([t]) for t in valid]
-                for pos, digit in zip(reading_positions(pieces), reading_digits(rows[chunk[int(owner[b])].id]["response"])):
-                    reading[b, pos] = 1 if pieces[pos].strip() == digit else -1
-            counts["readings"] += int((reading != 0).sum())
-            counts["wrong_readings"] += int((reading < 0).sum())
-            counts["tokens"] += int(mask.sum())
-            for label, spec in specs.items():
-                coef = va_opd_loss(s_hidden, s_weight, t_clean, t_abl, t_weight, tokens, mask, owner, spec=spec,
-                                   vocab_size=vocab, backend="torch")[1]["coef"]
-                sums[label]["wrong"] += float(coef[reading < 0].sum())
-                sums[label]["right"] += float(coef[reading > 0].sum())
-                sums[label]["total"] += float(coef.sum())
+    for chunk, tokens, mask, owner, batch, abl in rollout_batches(
+            backend, detail, tokenizer, image_processor, samples=samples, seed=seed, batch_prompts=batch_prompts,
+            instruction=instruction, pixelate_factor=pixelate_factor):
+        s_hidden = response_hidden(student, batch, tokens, mask)
+        t_clean, t_abl = teacher_hidden(teacher, batch, abl, tokens, mask)
+        # Each rollout's readings: +1 right, -1 wrong, 0 elsewhere.
+        reading = torch.zeros(tokens.shape, dtype=torch.long)
+        for b in range(tokens.shape[0]):
+            valid = tokens[b][mask[b]].tolist()
+            pieces = [tokenizer.decode([t]) for t in valid]
+            for pos, digit in zip(reading_positions(pieces), reading_digits(rows[chunk[int(owner[b])].id]["response"])):
+                reading[b, pos] = 1 if pieces[pos].strip() == digit else -1
+        counts["readings"] += int((reading != 0).sum())
+        counts["wrong_readings"] += int((reading < 0).sum())
+        counts["tokens"] += int(mask.sum())
+        for label, spec in specs.items():
+            coef = va_opd_loss(s_hidden, s_weight, t_clean, t_abl, t_weight, tokens, mask, owner, spec=spec,
+                               vocab_size=vocab, backend="torch")[1]["coef"]
+            sums[label]["wrong"] += float(coef[reading < 0].sum())
+            sums[label]["right"] += float(coef[reading > 0].sum())
+            sums[label]["total"] += float(coef.sum())
     out: dict[str, dict] = {}
     for label, s in sums.items():
         mean_coef = s["total"] / max(1, counts["tokens"])
