@@ -33,7 +33,9 @@ def test_loss(benchmark, loss_case, grid):
     record = dict(impl=impl, shape=shape.as_dict(), shape_id=shape.id(), products=list(products), floor=lossbench.FLOORS[lossbench.WORK[impl]], flops=lossbench.product_flops(shape, *products))
     try:
         loss = benchmark.pedantic(run, rounds=grid["rounds"], warmup_rounds=0 if benchmark.disabled else 1, iterations=1)
-        record["peak_extra"] = None if benchmark.disabled else lossbench.peak_extra_bytes(run, inputs, DEVICE)
+        if not benchmark.disabled:  # on a CPU in a fresh process, after the timed rounds
+            record["peak_extra"] = (lossbench.peak_extra_bytes(run, inputs, DEVICE) if DEVICE == "cuda"
+                                    else lossbench.peak_extra_bytes_fresh(impl, shape))
     except torch.cuda.OutOfMemoryError:
         del run
         torch.cuda.empty_cache()

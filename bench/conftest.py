@@ -7,7 +7,6 @@ printed at the end and written with JSON and PNG plots to ``VAOPD_BENCH_OUT`` (d
 """
 from __future__ import annotations
 
-import ctypes
 import datetime
 import os
 import platform
@@ -75,21 +74,6 @@ def pytest_generate_tests(metafunc):
 @pytest.fixture(scope="session")
 def grid(request):
     return GRIDS[grid_name(request.config)]
-
-
-def pytest_configure(config):
-    # When benchmarking on a CPU, make the process's resident size follow live memory, so that the peak-memory
-    # figures mean something: hand freed blocks of 64 KiB and more straight back to the OS, and
-    # lock the pages mapped so far (machines that page cold memory out proactively would otherwise
-    # count library code faulted back in as growth). Best effort: the timings do not depend on it.
-    if torch.cuda.is_available() or config.getoption("benchmark_disable", False):
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 65536)  # M_MMAP_THRESHOLD
-        libc.mlockall(1)  # MCL_CURRENT (MCL_FUTURE would populate every reserved region)
-    except (OSError, AttributeError):
-        pass
 
 
 def _title() -> str:

@@ -24,6 +24,10 @@ it computes, whose floor the report compares it with (``FLOORS``).
 from __future__ import annotations
 
 import functools
+import json
+import os
+import subprocess
+import sys
 import types
 from dataclasses import asdict, dataclass
 
@@ -226,8 +230,12 @@ def build(impl: str, inputs: dict, device: str):
 
 def peak_extra_bytes(run, inputs: dict, device: str) -> int | None:
     """Peak memory of one ``run`` beyond its inputs, the returned gradients and one fp32
-    ``[V, D_S]`` weight-gradient accumulator (CUDA allocator peak; on CPU the process's peak
-    resident size, reset through ``/proc/self/clear_refs``)."""
+    ``[V, D_S]`` weight-gradient accumulator.
+
+    CUDA: the allocator's peak. CPU: the process's peak resident size (reset through
+    ``/proc/self/clear_refs``); meaningful only where freed memory goes back to the OS, as in
+    ``peak_extra_bytes_fresh``'s process.
+    """
     sw = inputs["student_weight"]
     allowance = sum(x.numel() * x.element_size() for x in (inputs["student_hidden"], sw)) + sw.numel() * 4
     inputs["student_hidden"].grad = None  # the last timed run's gradients are not this run's base
@@ -251,9 +259,48 @@ def peak_extra_bytes(run, inputs: dict, device: str) -> int | None:
     return max(0, peak - allowance)
 
 
+def peak_extra_bytes_fresh(impl: str, shape: Shape) -> int | None:
+    """``peak_extra_bytes`` of ``impl`` on the CPU, measured in a fresh process (after one warm-up
+    run) whose glibc hands every freed block of 64 KiB or more back to the OS, so that its resident
+    size follows live memory.
+
+    Not in the benchmark's own process: that malloc setting makes every large temporary fault its
+    pages in again, which slows the implementations unevenly (at 2,048 x 32,000 fp32, one thread:
+    eager OPD 1.9x, its floor 1.3x, compiled Liger 1.2x; ``bench/RESULTS.md``).
+    """
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    cmd = [sys.executable, __file__, "peak", impl, json.dumps(shape.as_dict())]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    if out.returncode != 0:
+        raise RuntimeError(f"memory probe of {impl} at {shape.id()} failed:\n{out.stderr[-2000:]}")
+    value = out.stdout.strip().splitlines()[-1]
+    return None if value == "None" else int(value)
+
+
 def _proc_status_kib(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field + ":"):
                 return int(line.split()[1])
     raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _peak_main(impl: str, shape_json: str) -> None:
+    """``python bench/lossbench.py peak IMPL SHAPE_JSON``: print ``peak_extra_bytes`` on the CPU."""
+    import ctypes
+
+    torch.set_num_threads(1)
+    try:  # lock the pages mapped so far: machines that page cold memory out proactively would
+        ctypes.CDLL("libc.so.6").mlockall(1)  # otherwise count library code faulted back in as growth
+    except (OSError, AttributeError):
+        pass
+    inputs = make_inputs(Shape(**json.loads(shape_json)), "cpu")
+    run = build(impl, inputs, "cpu")
+    run()  # warm-up: compilation and one-time library allocations are not the loss's memory
+    print(peak_extra_bytes(run, inputs, "cpu"))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 4 or sys.argv[1] != "peak":
+        sys.exit("usage: python bench/lossbench.py peak IMPL SHAPE_JSON")
+    _peak_main(sys.argv[2], sys.argv[3])

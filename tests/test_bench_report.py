@@ -39,3 +39,15 @@ def test_every_benchmarked_implementation_has_a_work_and_a_floor():
     assert lossbench.PRODUCTS["trl"] == (4, 2) and lossbench.WORK["trl"] == "opd"
     for impl, work in lossbench.WORK.items():
         assert lossbench.FLOORS[work] in lossbench.PRODUCTS, impl
+
+
+@pytest.mark.slow  # two fresh processes building [tokens x vocab] logits
+def test_cpu_peak_memory_is_measured_in_a_fresh_process_and_tells_the_paths_apart():
+    # The benchmark's own process keeps glibc's default malloc (its timings); the probe's hands
+    # freed blocks back to the OS, so its resident size follows live memory.
+    shape = lossbench.Shape(1024, 32000, 64, 64, "fp32")
+    reference = lossbench.peak_extra_bytes_fresh("reference", shape)
+    fused = lossbench.peak_extra_bytes_fresh("vaopd-opd-torch", shape)
+    logits = 1024 * 32000 * 4  # one fp32 [tokens x vocab] tensor, 125 MiB
+    assert reference > 3 * logits  # full logits of both models, their softmaxes and gradients
+    assert fused < 2 * logits  # one chunk of 1,024 rows at a time
