@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from vaopd import torchvision_ops  # noqa: F401  first: transformers may import torchvision (see there)
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from scale_models import ForcedLengths, LengthModel, build_model, build_tokenizer, synthetic_records  # noqa: E402
 

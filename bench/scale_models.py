@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image, ImageDraw
 
-import vaopd  # noqa: F401  (first: its torchvision stand-ins must exist before transformers loads, .venv-vllm)
+from vaopd import torchvision_ops  # noqa: F401  first: its stand-ins must exist before transformers loads (.venv-vllm)
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (LogitsProcessor, LogitsProcessorList, PreTrainedTokenizerFast, Qwen3VLConfig,
                           Qwen3VLForConditionalGeneration)
