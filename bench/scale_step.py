@@ -15,7 +15,10 @@ real ``generate`` loop still runs every decode step, so the rollout costs what i
 compiled decode, ``rollout.hf.compile``) or ``vllm`` (an in-process vLLM engine from a folder of
 the random student; one request per response with ``max_tokens`` from the same drawn length and
 ``ignore_eos``). Both engines see the same prompts and the same drawn lengths. ``--scoring``:
-``packed`` (``train.packed_scoring: true``; this benchmark's default) or ``padded`` teacher and student passes. ``decode_ms``: ms
+``packed`` (``train.packed_scoring: true``; this benchmark's default) or ``padded`` teacher and student passes;
+``--packed-attention`` is ``train.packed_attention`` (auto: FlexAttention on CUDA). As in the
+trainer, the hf engine samples from an inference copy of the student in the rollout dtype (bf16
+on a GPU), refreshed in place before each rollout. ``decode_ms``: ms
 per decode step (every row advances one token): measured inside ``generate`` for hf, the rollout
 time over the longest response for vLLM (its steps are scheduled internally).
 
@@ -45,11 +48,14 @@ from pathlib import Path
 
 import torch
 
+from vaopd import torchvision_ops  # noqa: F401  first: transformers may import torchvision (see there)
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from scale_models import (ForcedLengths, LengthModel, build_model, build_tokenizer, forced_lengths_vllm,  # noqa: E402
                           synthetic_records)
 
-from vaopd.build import Setup, build_rollout, build_scorer, longest_prompt_bound  # noqa: E402
+from vaopd.build import (Setup, apply_packed_attention, build_rollout, build_scorer, longest_prompt_bound,  # noqa: E402
+                         packed_attention)
 from vaopd.config import load_config  # noqa: E402
 from vaopd.data import Dataset  # noqa: E402
 from vaopd.models import (attn_implementation, check_vocabularies, enable_gradient_checkpointing,  # noqa: E402
@@ -57,7 +63,7 @@ from vaopd.models import (attn_implementation, check_vocabularies, enable_gradie
 from vaopd.optim import build_optimizer  # noqa: E402
 from vaopd.rollout import banned_token_ids, encode_prompts  # noqa: E402
 from vaopd.step import Timer, train_step  # noqa: E402
-from vaopd.strategy import SingleProcess  # noqa: E402
+from vaopd.strategy import SingleProcess, inference_copy, rollout_dtype  # noqa: E402
 from vaopd.tiny import build_image_processor  # noqa: E402
 
 PRESETS = {
@@ -103,6 +109,8 @@ def parse_args(argv=None):
     p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
                    help="hf engine: static KV cache and compiled decode step (auto: on for CUDA)")
     p.add_argument("--scoring", choices=["packed", "padded"], default="packed", help="train.packed_scoring")
+    p.add_argument("--packed-attention", choices=["auto", "flex", "model"], default="auto",
+                   help="train.packed_attention (auto: FlexAttention on CUDA without flash-attn, the models' own on a CPU)")
     p.add_argument("--simulate-only", action="store_true",
                    help="print the expected scoring padding at the preset's shape and exit (no model is built)")
     p.add_argument("--attn", default="auto", choices=["auto", "sdpa", "flash_attention_2", "eager"])
@@ -123,7 +131,8 @@ def build(args, preset: dict, lengths: LengthModel):
                  f"model.attn_implementation={args.attn}", f"data.min_pixels={preset['min_pixels']}",
                  f"data.max_pixels={preset['max_pixels']}", "data.val=", "log.progress=false", f"train.seed={args.seed}",
                  f"train.run_dir={Path(args.out) / 'run'}", "data.instruction=", "optim.lr=1e-6", "optim.warmup_ratio=0",
-                 f"rollout.hf.compile={args.compile}", f"train.packed_scoring={str(args.scoring == 'packed').lower()}"]
+                 f"rollout.hf.compile={args.compile}", f"train.packed_scoring={str(args.scoring == 'packed').lower()}",
+                 f"train.packed_attention={args.packed_attention}"]
     cfg = load_config(None, overrides)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
@@ -155,13 +164,16 @@ def build(args, preset: dict, lengths: LengthModel):
             max_new_tokens=r.max_new_tokens, gpu_memory_utilization=r.vllm.gpu_memory_utilization, sleep_mode=False,
             kv_cache_gib=r.vllm.kv_cache_gib, max_model_len=r.max_new_tokens + 2048, enforce_eager=r.vllm.enforce_eager,
             seed=args.seed, image_size={"shortest_edge": cfg.data.min_pixels, "longest_edge": cfg.data.max_pixels})
-    else:
-        forced = ForcedLengths(student, lengths, eos, r.samples_per_prompt)
+        replica = None
+    else:  # as the trainer: sampling from an inference copy in the rollout dtype, refreshed before each rollout
+        replica = inference_copy(student, rollout_dtype(bf16))
+        forced = ForcedLengths(replica, lengths, eos, r.samples_per_prompt)
         rollout = build_rollout(cfg, forced, eos, tokenizer.pad_token_id, banned)
     data = Dataset(synthetic_records(cfg.train.prompts_per_step * 8, preset["side"], seed=args.seed), source="synthetic")
     if getattr(rollout, "static", None) is not None:  # one cache shape (one compiled decode graph) for the run
         rollout.static.reserve(longest_prompt_bound(cfg, data, tokenizer, image_processor), r.max_new_tokens)
-    strategy = SingleProcess(student, teacher, None, device)  # samples from the student itself (ForcedLengths)
+    apply_packed_attention(cfg, device, student, teacher)
+    strategy = SingleProcess(student, teacher, replica, device)
     s = Setup(student, teacher, tokenizer, image_processor, vocab, eos, banned, data, None, device, bf16, rollout, strategy,
               build_scorer(cfg, strategy))
     return cfg, s, forced, impl
@@ -331,9 +343,14 @@ def main(argv=None) -> int:
                             "teacher": sum(p.numel() for p in s.teacher.parameters())})
         import transformers
         info["transformers"] = transformers.__version__
+        replica = s.strategy.replica
+        info["sampling"] = (f"inference copy ({str(next(replica.parameters()).dtype).removeprefix('torch.')})"
+                            if replica is not None else "vLLM's own weights")
+        info["packed_attention"] = (packed_attention(cfg, s.device).describe(impl) if cfg.train.packed_scoring else None)
         print(f"built {preset['student']} ({info['params']['student']:,} params, fp32 master weights) and "
               f"{preset['teacher']} ({info['params']['teacher']:,}, {'bf16' if s.bf16 else 'fp32'}) on {info['device']} "
-              f"in {info['build_s']:.1f} s; attention {impl}", flush=True)
+              f"in {info['build_s']:.1f} s; attention {impl}; sampling from {info['sampling']}; packed attention: "
+              f"{info['packed_attention']}", flush=True)
         P, K, mb = cfg.train.prompts_per_step, cfg.rollout.samples_per_prompt, cfg.train.micro_batch_prompts
         optimizer, scheduler = build_optimizer(cfg, s.student, 1000)
         first = encode_prompts([r.question for r in s.train_data.records[:P]], [r.image for r in s.train_data.records[:P]],

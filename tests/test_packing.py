@@ -1,11 +1,12 @@
 """Packed scoring equals the padded path: per-token hidden states (student, teacher clean and
 ablated) and the fused loss's gradient w.r.t. the student's parameters (fp32, tiny models, prompts
 with images of different sizes, responses of different lengths)."""
+import pytest
 import torch
 
 from vaopd.data import tiny_records
 from vaopd.kernels import va_opd_loss
-from vaopd.packing import FLEX, pack, packed_hidden, packed_teacher_hidden, use_packed_attention
+from vaopd.packing import FLEX, choose_packed_attention, pack, packed_hidden, packed_teacher_hidden, use_flex_attention
 from vaopd.rollout import encode_prompts, response_mask
 from vaopd.scoring import scoring_inputs, scoring_padding, teacher_hidden
 from vaopd.tiny import build_image_processor, build_model, build_tokenizer
@@ -103,10 +104,26 @@ def test_flex_attention_packed_scoring_equals_padded_sdpa():
     lp = prompts.input_ids.shape[1]
     with torch.no_grad():
         padded = student.model(**scoring_inputs(prompts, tokens, mask)).last_hidden_state[:, lp - 1:]
-    assert use_packed_attention(student, prefer="flex") == FLEX
+    use_flex_attention(student)
     assert student.config.text_config._attn_implementation == FLEX
     assert student.config.vision_config._attn_implementation == "sdpa"
     p = pack(prompts, tokens, mask, student.model.get_rope_index)
     with torch.no_grad():
         packed = packed_hidden(student.model, p)
     assert torch.allclose(packed[mask], padded[mask], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("setting, attention, device, samples, expected", [
+    ("auto", "sdpa", "cuda", False, ("flex", "flex", "")),
+    ("auto", "flash_attention_2", "cuda", False, ("model", "model", "")),  # varlen already bounds it
+    ("auto", "sdpa", "cpu", False, ("model", "model", "")),  # SDPA beats FlexAttention's CPU kernels there
+    ("flex", "sdpa", "cpu", False, ("flex", "model", "FlexAttention has no backward on a CPU")),
+    ("flex", "flash_attention_2", "cuda", False, ("flex", "flex", "")),
+    ("auto", "sdpa", "cuda", True, ("flex", "model", "the student also samples the rollouts with a KV cache")),
+    ("model", "sdpa", "cuda", False, ("model", "model", "")),
+])
+def test_packed_attention_choice(setting, attention, device, samples, expected):
+    chosen = choose_packed_attention(setting, attention, torch.device(device), student_samples=samples)
+    assert (chosen.teacher, chosen.student, chosen.why) == expected
+    with pytest.raises(ValueError, match="not one of auto, flex, model"):
+        choose_packed_attention("dense", attention, torch.device(device), student_samples=samples)

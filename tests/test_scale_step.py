@@ -41,6 +41,8 @@ def test_one_step_of_the_smoke_preset(tmp_path):
     assert row["rollout_padding"] >= 1 and row["scoring_padding"] >= 1
     assert (tmp_path / "smoke.md").read_text().count("| measured |") == 1
     assert row["decode_ms"] > 0 and info["engine"] == "hf"
+    assert info["sampling"] == "inference copy (float32)"  # as the trainer: not the master weights (fp32 on a CPU)
+    assert info["packed_attention"] == "teacher sdpa with a dense block mask, student sdpa with a dense block mask"
 
 
 def test_compiled_engine_step_samples_the_drawn_lengths(tmp_path):

@@ -9,19 +9,21 @@ import vaopd.optim as optim_mod
 import vaopd.step as step_mod
 from tests.trainer_utils import tiny_config
 from vaopd.config import ConfigError, load_config, resume_changes, to_dict
-from vaopd.packing import PackedScorer
+from vaopd.packing import FLEX, PackedScorer
 from vaopd.plan import build_plan
 from vaopd.rollout import response_mask
 from vaopd.scoring import Scorer
 
 
-def _step(tmp_path, packed: bool):
+def _step(tmp_path, packed: bool, *overrides: str, setups: list | None = None):
     """One step of 2 prompts x 3 responses of designed lengths (6, 2, 5 / 1, 6, 3 tokens, EOS
     inside or truncated) with packed or padded scoring; returns the record and the gradients the
-    step clipped (before the optimizer moved anything)."""
-    cfg = tiny_config(tmp_path, "rollout.samples_per_prompt=3", f"train.packed_scoring={str(packed).lower()}",
-                      name=f"packed_{packed}")
+    step clipped (before the optimizer moved anything). ``setups`` receives the step's ``Setup``."""
+    cfg = tiny_config(tmp_path, "rollout.samples_per_prompt=3", f"train.packed_scoring={str(packed).lower()}", *overrides,
+                      name=f"packed_{packed}_{len(overrides)}")
     setup = build_mod.build_setup(cfg, torch.device("cpu"))
+    if setups is not None:
+        setups.append(setup)
     assert isinstance(setup.scorer, PackedScorer) == packed and isinstance(setup.scorer, Scorer)
     eos, pad = setup.eos_ids[0], setup.tokenizer.pad_token_id
     lengths = [6, 2, 5, 1, 6, 3]
@@ -52,9 +54,7 @@ def _step(tmp_path, packed: bool):
     return record, grads
 
 
-def test_packed_scoring_step_equals_the_padded_step(tmp_path):
-    padded, padded_grads = _step(tmp_path, packed=False)
-    packed, packed_grads = _step(tmp_path, packed=True)
+def _assert_same_step(packed, packed_grads, padded, padded_grads):
     assert not padded["skipped"] and not packed["skipped"]
     assert packed["response_len"] == padded["response_len"] == 23 / 6
     for key in ("loss", "kl", "va", "grad_norm"):
@@ -64,9 +64,30 @@ def test_packed_scoring_step_equals_the_padded_step(tmp_path):
         scale = float(g.abs().max()) or 1.0
         assert float((packed_grads[name] - g).abs().max()) <= 1e-4 * scale, name
     assert any(float(g.abs().max()) > 0 for n, g in padded_grads.items() if "visual" in n)  # through the image too
+
+
+def test_packed_scoring_step_equals_the_padded_step(tmp_path):
+    padded, padded_grads = _step(tmp_path, packed=False)
+    packed, packed_grads = _step(tmp_path, packed=True)
+    _assert_same_step(packed, packed_grads, padded, padded_grads)
     # Packed passes compute only the needed positions; padded ones pad responses to 6 tokens.
     assert packed["scoring_padding"] == 1.0 and padded["scoring_padding"] > 1.05
     assert packed["decode_ms"] is None and packed["graphs_compiled"] is None  # this engine measures nothing
+
+
+@pytest.mark.slow  # FlexAttention compiles its CPU kernels (about 15 s)
+def test_flex_attention_teacher_step_equals_the_padded_step(tmp_path):
+    padded, padded_grads = _step(tmp_path, packed=False)
+    setups = []
+    flex, flex_grads = _step(tmp_path, True, "train.packed_attention=flex", setups=setups)
+    _assert_same_step(flex, flex_grads, padded, padded_grads)
+    setup = setups[0]
+    # On a CPU the teacher's packed passes run on FlexAttention; the student keeps SDPA (no backward
+    # there), and so does the rollout replica, which generates with a KV cache.
+    assert setup.teacher.config.text_config._attn_implementation == FLEX
+    assert setup.teacher.config.vision_config._attn_implementation == "sdpa"
+    assert setup.student.config.text_config._attn_implementation == "sdpa"
+    assert setup.strategy.sampling_model().config.text_config._attn_implementation == "sdpa"
 
 
 def test_decode_figures_in_each_step_record(tmp_path):
@@ -110,6 +131,9 @@ def test_prompt_bound_covers_every_encoded_prompt(tmp_path):
 def test_engine_and_scoring_fields(tmp_path):
     cfg = load_config(None, [])
     assert (cfg.rollout.hf.compile, cfg.rollout.hf.cache_multiple, cfg.train.packed_scoring) == ("auto", 256, False)
+    assert cfg.train.packed_attention == "auto"
+    with pytest.raises(ConfigError, match=r"^train\.packed_attention: must be one of"):
+        load_config(None, ["train.packed_attention=dense"])
     with pytest.raises(ConfigError, match=r"^rollout\.hf\.compile: must be one of"):
         load_config(None, ["rollout.hf.compile=fast"])
     with pytest.raises(ConfigError, match=r"^rollout\.hf\.cache_multiple: must be > 0"):
@@ -124,9 +148,10 @@ def test_engine_and_scoring_fields(tmp_path):
     assert load_config(path, []).rollout.hf.compile == "off"
     # None of them changes the optimisation: --resume may change them.
     saved = yaml.safe_load(yaml.safe_dump(to_dict(cfg)))
-    changed = load_config(None, ["rollout.hf.compile=on", "rollout.hf.cache_multiple=128", "train.packed_scoring=true"])
+    changed = load_config(None, ["rollout.hf.compile=on", "rollout.hf.cache_multiple=128", "train.packed_scoring=true",
+                                 "train.packed_attention=flex"])
     refused, allowed = resume_changes(saved, changed)
-    assert refused == [] and len(allowed) == 3
+    assert refused == [] and len(allowed) == 4
 
 
 def test_dry_run_names_the_decode_and_scoring_modes(tmp_path):
@@ -136,4 +161,8 @@ def test_dry_run_names_the_decode_and_scoring_modes(tmp_path):
     plan = build_plan(tiny_config(tmp_path, "rollout.hf.compile=on", "rollout.hf.cache_multiple=64",
                                   "train.packed_scoring=true"))
     assert "decode: compiled, static KV cache of " in plan and "(rollout.hf.compile: on)" in plan
-    assert "scoring: packed (valid positions only) (train.packed_scoring)" in plan
+    assert ("scoring: packed (valid positions only; attention: teacher sdpa with a dense block mask, student sdpa with a "
+            "dense block mask) (train.packed_scoring, train.packed_attention)") in plan  # auto on a CPU
+    plan = build_plan(tiny_config(tmp_path, "train.packed_scoring=true", "train.packed_attention=flex"))
+    assert ("attention: teacher FlexAttention, student sdpa with a dense block mask (FlexAttention has no backward on a "
+            "CPU))") in plan

@@ -12,16 +12,16 @@ from vaopd import torchvision_ops  # noqa: F401  first: transformers may import 
 from vaopd.config import Config, ConfigError
 from vaopd.data import Dataset, load_dataset
 from vaopd.distributed import DistEnv, HiddenAndHead, launched_by_torchrun, shard_model
-from vaopd.models import (base_model, check_vocabularies, enable_gradient_checkpointing, eos_token_ids, load_pretrained,
-                          use_bf16)
-from vaopd.packing import PackedScorer
+from vaopd.models import (attn_implementation, base_model, check_vocabularies, enable_gradient_checkpointing, eos_token_ids,
+                          load_pretrained, use_bf16)
+from vaopd.packing import PackedAttention, PackedScorer, choose_packed_attention, use_flex_attention
 from vaopd.rollout import HFGenerate, RolloutBackend, banned_token_ids
 from vaopd.runs import run_dir_of
 from vaopd.scoring import Scorer
 from vaopd.strategy import FSDP, SingleProcess, Strategy, inference_copy, rollout_dtype
 from vaopd.tiny import is_tiny
 
-__all__ = ["Setup", "build_rollout", "build_scorer", "longest_prompt_bound", "build_vllm_rollout", "build_setup"]
+__all__ = ["Setup", "build_rollout", "build_scorer", "packed_attention", "apply_packed_attention", "longest_prompt_bound", "build_vllm_rollout", "build_setup"]
 
 
 @dataclass
@@ -54,6 +54,26 @@ def build_rollout(cfg: Config, model, eos_ids: list[int], pad_id: int, banned_id
 def build_scorer(cfg: Config, strategy: Strategy) -> Scorer:
     """The scorer over the strategy's models: packed (``train.packed_scoring``) or padded."""
     return (PackedScorer if cfg.train.packed_scoring else Scorer)(strategy.student, strategy.teacher)
+
+
+def packed_attention(cfg: Config, device: torch.device) -> PackedAttention:
+    """The attention of the packed scoring passes of this run (``train.packed_attention``)."""
+    # With LoRA on one process the hf engine samples from the trained student itself.
+    samples = cfg.rollout.engine == "hf" and cfg.model.lora.enabled
+    return choose_packed_attention(cfg.train.packed_attention, attn_implementation(cfg), device, student_samples=samples)
+
+
+def apply_packed_attention(cfg: Config, device: torch.device, student, teacher) -> None:
+    """Switch the text models to FlexAttention where ``packed_attention`` says so (with
+    ``train.packed_scoring``). Call it after taking the rollout replica, which keeps the models'
+    own attention for generating with a KV cache."""
+    if not cfg.train.packed_scoring:
+        return
+    attention = packed_attention(cfg, device)
+    if attention.teacher == "flex":
+        use_flex_attention(teacher)
+    if attention.student == "flex":
+        use_flex_attention(base_model(student))
 
 
 def longest_prompt_bound(cfg: Config, data: Dataset, tokenizer, image_processor) -> int:
@@ -151,6 +171,7 @@ def build_setup(cfg: Config, device: torch.device, student_source: str | None = 
     # (vaopd.strategy); vLLM keeps its own weights, and LoRA on one process samples from the student.
     replica = (inference_copy(student, rollout_dtype(bf16))
                if cfg.rollout.engine == "hf" and (env is not None or not cfg.model.lora.enabled) else None)
+    apply_packed_attention(cfg, device, student, teacher)  # after the copy: it generates with the models' own
     if env is None:
         strategy = SingleProcess(student, teacher, replica, device)
     else:

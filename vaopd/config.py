@@ -228,9 +228,15 @@ class TrainConfig(Section):
     # Score prompt + response of a micro-batch's rows as one packed sequence (vaopd.packing: only
     # valid positions); false: the padded [rows, prompt + response] batch. Both give the same
     # hidden states and gradient up to float rounding, hence safe to change on --resume. Off by
-    # default: its attention memory is bounded only with flash-attention's variable-length kernels;
-    # without them transformers masks a packed row with a dense [total x total] block mask.
+    # default until FlexAttention's packed passes are measured on a GPU (bench/gpu_check.sh).
     packed_scoring: bool = setting(False, safe=True)
+    # The attention of the packed passes (vaopd.packing.choose_packed_attention). auto: the models'
+    # own when it is flash-attention 2 (variable length), else FlexAttention on CUDA, else the
+    # models' own (a CPU: SDPA with a dense [total x total] block mask, small at a CPU's sizes, where
+    # FlexAttention has no backward and compiles first).
+    # flex: FlexAttention (a block mask; the student keeps its own on a CPU, where FlexAttention has
+    # no backward). model: always the models' own.
+    packed_attention: Literal["auto", "flex", "model"] = setting("auto", safe=True)
     # Optimizer steps of the run (the schedule's length); null: epochs * (train records // prompts_per_step).
     max_steps: int | None = setting(None, safe=True, was=0, gt=0)
     epochs: float | None = setting(1.0, safe=True, was=0, gt=0)  # read when max_steps is null

@@ -22,10 +22,12 @@ padded path's (tests/test_packing.py). Callers keep whole sibling groups in one 
 weights need them).
 
 Attention. With SDPA or eager attention transformers builds a dense block-causal mask of
-``[total x total]`` per packed row. ``use_packed_attention`` switches the text model to one that
-takes packed sequences natively: flash-attention 2 where installed (variable-length kernels, the
-sequences found from the restarting positions), otherwise PyTorch's FlexAttention (a block mask,
-no dense one). transformers refuses ``attn_implementation="flex_attention"`` for Qwen3-VL ("does
+``[total x total]`` per packed row: its memory and attention work grow with the square of the
+micro-batch's total length, not of each row's. Two attentions take packed sequences natively:
+flash-attention 2 where installed (variable-length kernels, the sequences found from the
+restarting positions; ``model.attn_implementation``), and PyTorch's FlexAttention (a block mask,
+no dense one; ``use_flex_attention``). ``choose_packed_attention`` picks per model from
+``train.packed_attention``. transformers refuses ``attn_implementation="flex_attention"`` for Qwen3-VL ("does
 not support an attention implementation through torch's flex_attention": the model class does not
 declare flex support, in 5.17 and 5.24), so its own ``flex_attention_forward`` and
 ``flex_attention_mask`` are registered under ``vaopd_flex`` (``AttentionInterface``,
@@ -41,8 +43,8 @@ from vaopd import torchvision_ops  # noqa: F401  first: transformers may import 
 from vaopd.rollout import PromptBatch
 from vaopd.scoring import Scorer, body_hidden, scoring_inputs
 
-__all__ = ["Packed", "pack", "packed_hidden", "unpack", "packed_teacher_hidden", "PackedScorer", "use_packed_attention",
-           "FLEX"]
+__all__ = ["Packed", "pack", "packed_hidden", "unpack", "packed_teacher_hidden", "PackedScorer", "PackedAttention",
+           "choose_packed_attention", "use_flex_attention", "FLEX"]
 
 FLEX = "vaopd_flex"
 
@@ -132,29 +134,69 @@ def packed_teacher_hidden(teacher, packed: Packed, ablated_pixels: torch.Tensor 
     return unpack(hidden[:1], packed), unpack(hidden[1:], packed)
 
 
-def use_packed_attention(model, prefer: str = "auto") -> str:
-    """Set the text model of ``model`` (a ``*ForConditionalGeneration``) to an attention that takes
-    packed sequences without a dense mask; returns its name.
+def use_flex_attention(model) -> None:
+    """Run the text model of ``model`` (a ``*ForConditionalGeneration``) on FlexAttention: packed
+    sequences get a block mask built from the restarting positions, never a dense one. The vision
+    tower keeps its attention. FlexAttention compiles its kernels on first use (and once more when
+    the packed length first changes, after which the compiled kernels take any length)."""
+    from transformers import AttentionInterface
+    from transformers.integrations.flex_attention import flex_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, flex_attention_mask
 
-    ``prefer``: ``auto`` (flash-attention 2 when installed, else FlexAttention), ``flash_attention_2``
-    or ``flex``. FlexAttention compiles its kernels per sequence length on first use.
+    AttentionInterface.register(FLEX, flex_attention_forward)
+    AttentionMaskInterface.register(FLEX, flex_attention_mask)
+    model.set_attn_implementation({"text_config": FLEX})
+
+
+@dataclass(frozen=True)
+class PackedAttention:
+    """What the packed passes of each model attend with (``train.packed_attention``).
+
+    ``teacher`` / ``student``: ``"flex"`` (FlexAttention, ``use_flex_attention``) or ``"model"``
+    (the model's own attention: flash-attention 2's variable-length kernels, or SDPA/eager with a
+    dense block-causal ``[total x total]`` mask per packed row). ``why``: why the student keeps its
+    own attention where FlexAttention was asked for ("" otherwise).
     """
-    from transformers.utils import is_flash_attn_2_available
 
-    if prefer not in ("auto", "flash_attention_2", "flex"):
-        raise ValueError(f"packed attention: {prefer!r} is not one of auto, flash_attention_2, flex")
-    if prefer == "flash_attention_2" or (prefer == "auto" and is_flash_attn_2_available()):
-        name = "flash_attention_2"
-    else:
-        from transformers import AttentionInterface
-        from transformers.integrations.flex_attention import flex_attention_forward
-        from transformers.masking_utils import AttentionMaskInterface, flex_attention_mask
+    teacher: str
+    student: str
+    why: str = ""
 
-        AttentionInterface.register(FLEX, flex_attention_forward)
-        AttentionMaskInterface.register(FLEX, flex_attention_mask)
-        name = FLEX
-    model.set_attn_implementation({"text_config": name})
-    return name
+    def describe(self, model_attention: str) -> str:
+        def name(kind):
+            if kind == "flex":
+                return "FlexAttention"
+            if model_attention == "flash_attention_2":
+                return "flash-attention 2 (variable length)"
+            return f"{model_attention} with a dense block mask"
+
+        text = f"teacher {name(self.teacher)}, student {name(self.student)}"
+        return f"{text} ({self.why})" if self.why else text
+
+
+def choose_packed_attention(setting: str, model_attention: str, device: torch.device, student_samples: bool) -> PackedAttention:
+    """Resolve ``train.packed_attention`` (``auto | flex | model``) for one run.
+
+    ``model_attention``: the models' attention implementation (``model.attn_implementation``
+    resolved). ``student_samples``: the trained student also generates the rollouts (LoRA on one
+    process with the ``hf`` engine); it then keeps its own attention, which generation with a KV
+    cache needs.
+
+    auto: the models' own attention when it is flash-attention 2 (already bounded), else
+    FlexAttention on CUDA, else (a CPU) the models' own: at a CPU's sizes the dense block mask is
+    small and SDPA as fast as FlexAttention, which compiles first (``bench/RESULTS.md``). flex:
+    FlexAttention for the teacher, and for the student wherever its backward runs (FlexAttention has
+    none on a CPU, torch 2.13).
+    """
+    if setting not in ("auto", "flex", "model"):
+        raise ValueError(f"packed attention: {setting!r} is not one of auto, flex, model")
+    if setting == "model" or (setting == "auto" and (model_attention == "flash_attention_2" or device.type != "cuda")):
+        return PackedAttention("model", "model")
+    if device.type != "cuda":
+        return PackedAttention("flex", "model", "FlexAttention has no backward on a CPU")
+    if student_samples:
+        return PackedAttention("flex", "model", "the student also samples the rollouts with a KV cache")
+    return PackedAttention("flex", "flex")
 
 
 class PackedScorer(Scorer):
@@ -163,8 +205,9 @@ class PackedScorer(Scorer):
     padded path's ``[rows, T, D]`` layout, equal to it up to float rounding.
 
     Each model packs with its own ``get_rope_index`` (the Qwen-VL families share its signature).
-    The attention is the model's own: with flash-attention 2 transformers runs the packed rows as
-    variable-length sequences; with SDPA or eager attention it builds a dense block-causal
+    The attention is whatever each model's text part is set to (``build_setup`` applies
+    ``choose_packed_attention``): flash-attention 2 runs the packed rows as variable-length
+    sequences, FlexAttention with a block mask, SDPA or eager with a dense block-causal
     ``[total x total]`` mask per packed row (see the module docstring).
     """
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from vaopd import torchvision_ops  # noqa: F401  first: transformers may import torchvision (see there)
+from vaopd.build import packed_attention
 from vaopd.config import Config
 from vaopd.data import load_dataset
 from vaopd.models import attn_implementation, base_model, check_vocabularies, load_pretrained, loading, resolve_device, use_bf16
@@ -106,7 +107,9 @@ def build_plan(cfg: Config) -> str:
                          "on a CPU)"),
         *([f"  decode: {'compiled, static KV cache of ' + str(cache_len) + ' positions' if compiled else 'eager, dynamic KV cache'}"
            f" (rollout.hf.compile: {cfg.rollout.hf.compile})"] if cfg.rollout.engine == "hf" else []),
-        f"  scoring: {'packed (valid positions only)' if cfg.train.packed_scoring else 'padded'} (train.packed_scoring)",
+        ("  scoring: packed (valid positions only; attention: "
+         f"{packed_attention(cfg, device).describe(attn_implementation(cfg))}) (train.packed_scoring, train.packed_attention)"
+         if cfg.train.packed_scoring else "  scoring: padded (train.packed_scoring)"),
         "  memory estimate (GiB, excluding activations and allocator slack):",
         *[f"    {k}: {v:.3f}" for k, v in mem.items()],
         f"    total: {sum(mem.values()):.3f}",
