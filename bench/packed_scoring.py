@@ -68,22 +68,30 @@ def main(argv=None) -> int:
     lp = prompts.input_ids.shape[1]
     teacher = build_model("small-teacher", device, torch.float32, "sdpa", seed=1).eval()
     student = build_model("small-student", device, torch.float32, "sdpa", seed=0).train()
-    packed_batch = pack(prompts, tokens, mask, student.model.get_rope_index)
 
-    def padded():
-        teacher_hidden(teacher, prompts, ablated, tokens, mask)
-        hidden = student.model(**scoring_inputs(prompts, tokens, mask)).last_hidden_state[:, lp - 1:]
-        hidden = torch.where(mask.unsqueeze(-1), hidden, 0)  # the valid positions, as the loss masks them
-        hidden.sum().backward()
-        return hidden.detach()
+    def padded(mask):
+        def run():
+            teacher_hidden(teacher, prompts, ablated, tokens, mask)
+            hidden = student.model(**scoring_inputs(prompts, tokens, mask)).last_hidden_state[:, lp - 1:]
+            hidden = torch.where(mask.unsqueeze(-1), hidden, 0)  # the valid positions, as the loss masks them
+            hidden.sum().backward()
+            return hidden.detach()
+        return run
 
-    def packed():
-        packed_teacher_hidden(teacher, packed_batch, ablated)
-        hidden = packed_hidden(student.model, packed_batch)
-        hidden.sum().backward()
-        return hidden.detach()
+    def packed(batch):
+        def run():
+            packed_teacher_hidden(teacher, batch, ablated)
+            hidden = packed_hidden(student.model, batch)
+            hidden.sum().backward()
+            return hidden.detach()
+        return run
 
-    def timed(fn) -> dict:
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def timed(fn) -> tuple[dict, torch.Tensor, dict]:
+        """(timings and peak memory, the student's response states, its parameter gradients)."""
         student.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -105,33 +113,34 @@ def main(argv=None) -> int:
         peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if device.type == "cuda" else None
         return dict(first_s=first, median_s=statistics.median(runs), runs_s=runs, peak_mib=peak), hidden, grads
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    computed, needed = scoring_padding(prompts, mask, packed=False)
-    row, ref_hidden, ref_grads = timed(padded)
-    rows = [dict(path="padded, SDPA", padding=computed / needed, **row)]
-
-    def packed_row(path: str) -> dict:
-        row, hidden, grads = timed(packed)
+    def packed_row(path: str, mask) -> dict:
+        """A packed path's row, compared with the padded path on the same responses."""
+        _, ref_hidden, ref_grads = timed(padded(mask))
+        row, hidden, grads = timed(packed(pack(prompts, tokens, mask, student.model.get_rope_index)))
         scale = max(float(ref_hidden.abs().max()), 1e-6)
         hidden_diff = float((hidden - ref_hidden).abs().max()) / scale
         grad_diff = max(float((grads[n] - g).abs().max()) / max(float(g.abs().max()), 1e-6) for n, g in ref_grads.items())
         return dict(path=path, padding=1.0, **row, hidden_diff=hidden_diff, grad_diff=grad_diff,
                     ok=grads.keys() == ref_grads.keys() and max(hidden_diff, grad_diff) <= args.tolerance)
 
-    rows.append(packed_row("packed, SDPA (dense block mask)"))
+    computed, needed = scoring_padding(prompts, mask, packed=False)
+    row, _, _ = timed(padded(mask))
+    rows = [dict(path="padded, SDPA", padding=computed / needed, **row), packed_row("packed, SDPA (dense block mask)", mask)]
     use_flex_attention(teacher)
     if device.type == "cuda":
         use_flex_attention(student)
-        rows.append(packed_row("packed, FlexAttention (teacher and student)"))
+        rows.append(packed_row("packed, FlexAttention (teacher and student)", mask))
+        # Another packed length, as the next micro-batch brings: the kernels recompile once for
+        # dynamic shapes (torch.compile's automatic dynamic), after which any length runs as is.
+        shorter = mask.clone()
+        shorter[-1, max(int(mask[-1].sum()) - 7, 1):] = False
+        rows.append(packed_row("packed, FlexAttention, another packed length (recompiles once)", shorter))
     else:
-        rows.append(packed_row("packed, teacher FlexAttention, student SDPA (no FlexAttention backward on a CPU)"))
+        rows.append(packed_row("packed, teacher FlexAttention, student SDPA (no FlexAttention backward on a CPU)", mask))
     info = dict(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), torch=torch.__version__, args=vars(args),
                 device=torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
                 responses=lengths.tolist(), prompt_tokens=prompts.attention_mask.sum(1).tolist(), needed=needed,
-                padded_positions=computed, packed_positions=packed_batch.total, rows=rows)
+                padded_positions=computed, packed_positions=needed, rows=rows)
     lines = [f"{info['device']}, torch {torch.__version__}, {info['date']}: {len(prompts)} responses of "
              f"{min(info['responses'])} to {max(info['responses'])} tokens, prompts of {min(info['prompt_tokens'])} to "
              f"{max(info['prompt_tokens'])} tokens; {needed} needed positions", "",

@@ -14,7 +14,7 @@ from transformers import AutoModelForImageTextToText
 
 import vaopd.train as train_mod
 from torchrun_train import SETTINGS, sets, torchrun
-from trainer_utils import max_diff, state, tiny_config
+from trainer_utils import assert_adam_close, max_diff, state, tiny_config
 from vaopd.checkpoint import is_sharded_checkpoint, latest_checkpoint
 from vaopd.distributed import init_distributed
 from vaopd.export import main as export_main
@@ -117,6 +117,25 @@ def test_non_finite_teacher_on_one_rank_skips_the_step_on_all_ranks(tmp_path):
     assert [(r["step"], r["skipped"], r["non_finite"]) for r in lines] == [(1, False, None), (2, True, "teacher"),
                                                                             (3, False, None)]
     assert "step 2: non-finite teacher: update skipped" in done.stdout
+
+
+@pytest.mark.slow
+def test_packed_scoring_on_two_ranks_matches_one_process(tmp_path, scripted_rollouts):
+    # Packed scoring with the teacher sharded too: each rank packs its own rows; the weights match
+    # one process's run.
+    packed = ["train.packed_scoring=true", "train.max_steps=2"]
+    ref = train_mod.train(tiny_config(tmp_path, *SETTINGS, *packed, name="ref"))
+    run = tmp_path / "two"
+    done = torchrun(tmp_path, *sets(f"train.run_dir={run}", "distributed.teacher=fsdp", *packed), timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ckpt = latest_checkpoint(run / "checkpoints")
+    assert ckpt.name == "step_00000002" and is_sharded_checkpoint(ckpt)
+    assert_adam_close(exported(tmp_path, ckpt, "export"), state(ref.student))
+    ref_losses, losses = step_losses(ref.run_dir), step_losses(run)
+    assert sorted(losses) == [1, 2]
+    assert all(abs(losses[s] - ref_losses[s]) < 1e-5 * abs(ref_losses[s]) for s in losses), (losses, ref_losses)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["scoring_padding"] for r in records if "loss" in r] == [1.0, 1.0]
 
 
 def test_process_group_is_gloo_on_cpu_with_the_configured_timeout(monkeypatch):

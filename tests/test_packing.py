@@ -116,14 +116,19 @@ def test_flex_attention_packed_scoring_equals_padded_sdpa():
 @pytest.mark.parametrize("setting, attention, device, samples, expected", [
     ("auto", "sdpa", "cuda", False, ("flex", "flex", "")),
     ("auto", "flash_attention_2", "cuda", False, ("model", "model", "")),  # varlen already bounds it
-    ("auto", "sdpa", "cpu", False, ("model", "model", "")),  # SDPA beats FlexAttention's CPU kernels there
-    ("flex", "sdpa", "cpu", False, ("flex", "model", "FlexAttention has no backward on a CPU")),
+    ("auto", "sdpa", "cpu", False, ("model", "model", "")),  # the dense mask is small at a CPU's sizes
     ("flex", "flash_attention_2", "cuda", False, ("flex", "flex", "")),
     ("auto", "sdpa", "cuda", True, ("flex", "model", "the student also samples the rollouts with a KV cache")),
     ("model", "sdpa", "cuda", False, ("model", "model", "")),
+    ("model", "sdpa", "cpu", False, ("model", "model", "")),
 ])
 def test_packed_attention_choice(setting, attention, device, samples, expected):
     chosen = choose_packed_attention(setting, attention, torch.device(device), student_samples=samples)
     assert (chosen.teacher, chosen.student, chosen.why) == expected
     with pytest.raises(ValueError, match="not one of auto, flex, model"):
         choose_packed_attention("dense", attention, torch.device(device), student_samples=samples)
+
+
+def test_flex_is_refused_off_cuda():
+    with pytest.raises(ValueError, match=r"flex needs CUDA \(this run is on cpu\): on a CPU FlexAttention has no backward"):
+        choose_packed_attention("flex", "sdpa", torch.device("cpu"), student_samples=False)

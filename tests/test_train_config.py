@@ -157,7 +157,7 @@ RESUME_SAFE = {
     "data.val", "data.tiny_val_size", "model.attn_implementation", "model.gradient_checkpointing",
     "rollout.engine", "rollout.vllm.gpu_memory_utilization", "rollout.vllm.sleep_mode", "rollout.vllm.enforce_eager",
     "rollout.vllm.kv_cache_gib", "rollout.vllm.max_model_len", "rollout.hf.compile", "rollout.hf.cache_multiple",
-    "train.packed_scoring", "train.name", "train.run_dir", "train.device", "train.max_steps", "train.epochs", "train.stop_after",
+    "train.packed_scoring", "train.packed_attention", "train.name", "train.run_dir", "train.device", "train.max_steps", "train.epochs", "train.stop_after",
     "train.checkpoint_every", "train.keep_checkpoints", "train.max_bad_steps",
 }
 

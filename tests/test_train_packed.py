@@ -9,7 +9,7 @@ import vaopd.optim as optim_mod
 import vaopd.step as step_mod
 from tests.trainer_utils import tiny_config
 from vaopd.config import ConfigError, load_config, resume_changes, to_dict
-from vaopd.packing import FLEX, PackedScorer
+from vaopd.packing import FLEX, PackedAttention, PackedScorer
 from vaopd.plan import build_plan
 from vaopd.rollout import response_mask
 from vaopd.scoring import Scorer
@@ -75,19 +75,25 @@ def test_packed_scoring_step_equals_the_padded_step(tmp_path):
     assert packed["decode_ms"] is None and packed["graphs_compiled"] is None  # this engine measures nothing
 
 
-@pytest.mark.slow  # FlexAttention compiles its CPU kernels (about 15 s)
-def test_flex_attention_teacher_step_equals_the_padded_step(tmp_path):
-    padded, padded_grads = _step(tmp_path, packed=False)
-    setups = []
-    flex, flex_grads = _step(tmp_path, True, "train.packed_attention=flex", setups=setups)
-    _assert_same_step(flex, flex_grads, padded, padded_grads)
-    setup = setups[0]
-    # On a CPU the teacher's packed passes run on FlexAttention; the student keeps SDPA (no backward
-    # there), and so does the rollout replica, which generates with a KV cache.
-    assert setup.teacher.config.text_config._attn_implementation == FLEX
-    assert setup.teacher.config.vision_config._attn_implementation == "sdpa"
-    assert setup.student.config.text_config._attn_implementation == "sdpa"
+def test_flex_packed_attention_switches_the_trained_models_not_the_replica(tmp_path, monkeypatch):
+    # FlexAttention runs on CUDA only (its CPU kernels have no backward), so here the choice is
+    # forced: build_setup switches the teacher's and the student's text models, and the rollout
+    # replica, copied before, keeps SDPA for generating with a KV cache.
+    monkeypatch.setattr(build_mod, "packed_attention", lambda cfg, device: PackedAttention("flex", "flex"))
+    setup = build_mod.build_setup(tiny_config(tmp_path, "train.packed_scoring=true"), torch.device("cpu"))
+    for model in (setup.teacher, setup.student):
+        assert model.config.text_config._attn_implementation == FLEX
+        assert model.config.vision_config._attn_implementation == "sdpa"
     assert setup.strategy.sampling_model().config.text_config._attn_implementation == "sdpa"
+    # Without packed scoring nothing is switched, whatever the choice would be.
+    setup = build_mod.build_setup(tiny_config(tmp_path, name="padded"), torch.device("cpu"))
+    assert setup.teacher.config.text_config._attn_implementation == "sdpa"
+
+
+def test_flex_on_a_cpu_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"^train\.packed_attention: flex needs CUDA"):
+        build_mod.build_setup(tiny_config(tmp_path, "train.packed_scoring=true", "train.packed_attention=flex"),
+                              torch.device("cpu"))
 
 
 def test_decode_figures_in_each_step_record(tmp_path):
@@ -163,6 +169,5 @@ def test_dry_run_names_the_decode_and_scoring_modes(tmp_path):
     assert "decode: compiled, static KV cache of " in plan and "(rollout.hf.compile: on)" in plan
     assert ("scoring: packed (valid positions only; attention: teacher sdpa with a dense block mask, student sdpa with a "
             "dense block mask) (train.packed_scoring, train.packed_attention)") in plan  # auto on a CPU
-    plan = build_plan(tiny_config(tmp_path, "train.packed_scoring=true", "train.packed_attention=flex"))
-    assert ("attention: teacher FlexAttention, student sdpa with a dense block mask (FlexAttention has no backward on a "
-            "CPU))") in plan
+    with pytest.raises(ConfigError, match=r"^train\.packed_attention: flex needs CUDA"):
+        build_plan(tiny_config(tmp_path, "train.packed_scoring=true", "train.packed_attention=flex"))

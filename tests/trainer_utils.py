@@ -63,6 +63,24 @@ def max_diff(a: dict, b: dict) -> float:
     return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
 
 
+def assert_adam_close(a: dict, b: dict) -> None:
+    """Weights of two runs that computed the same gradients up to float rounding, after AdamW steps
+    at the tests' lr 1e-3: every entry within 1e-4 and at most one in 10,000 beyond 1e-5.
+
+    AdamW moves an entry by about ``lr * g / (|g| + eps)``: where ``g`` is as small as its rounding
+    (an embedding row a batch barely touches) two summation orders can move it differently by up
+    to a step, so a flat 1e-5 bound fails on some CPUs (seen: 2e-5 and 4e-5 on one entry).
+    """
+    assert a.keys() == b.keys()
+    beyond = total = 0
+    for k in a:
+        d = (a[k].float() - b[k].float()).abs()
+        assert float(d.max()) < 1e-4, (k, float(d.max()))
+        beyond += int((d > 1e-5).sum())
+        total += d.numel()
+    assert beyond <= 1e-4 * total, (beyond, total)
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now (for a local process group)."""
     import socket

@@ -60,7 +60,10 @@ def packed_attention(cfg: Config, device: torch.device) -> PackedAttention:
     """The attention of the packed scoring passes of this run (``train.packed_attention``)."""
     # With LoRA on one process the hf engine samples from the trained student itself.
     samples = cfg.rollout.engine == "hf" and cfg.model.lora.enabled
-    return choose_packed_attention(cfg.train.packed_attention, attn_implementation(cfg), device, student_samples=samples)
+    try:
+        return choose_packed_attention(cfg.train.packed_attention, attn_implementation(cfg), device, student_samples=samples)
+    except ValueError as e:
+        raise ConfigError(f"train.packed_attention: {e}") from None
 
 
 def apply_packed_attention(cfg: Config, device: torch.device, student, teacher) -> None:

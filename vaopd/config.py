@@ -232,10 +232,8 @@ class TrainConfig(Section):
     packed_scoring: bool = setting(False, safe=True)
     # The attention of the packed passes (vaopd.packing.choose_packed_attention). auto: the models'
     # own when it is flash-attention 2 (variable length), else FlexAttention on CUDA, else the
-    # models' own (a CPU: SDPA with a dense [total x total] block mask, small at a CPU's sizes, where
-    # FlexAttention has no backward and compiles first).
-    # flex: FlexAttention (a block mask; the student keeps its own on a CPU, where FlexAttention has
-    # no backward). model: always the models' own.
+    # models' own (a CPU: SDPA with a dense [total x total] block mask, small at a CPU's sizes).
+    # flex: FlexAttention (a block mask), CUDA only. model: always the models' own.
     packed_attention: Literal["auto", "flex", "model"] = setting("auto", safe=True)
     # Optimizer steps of the run (the schedule's length); null: epochs * (train records // prompts_per_step).
     max_steps: int | None = setting(None, safe=True, was=0, gt=0)

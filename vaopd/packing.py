@@ -184,16 +184,17 @@ def choose_packed_attention(setting: str, model_attention: str, device: torch.de
 
     auto: the models' own attention when it is flash-attention 2 (already bounded), else
     FlexAttention on CUDA, else (a CPU) the models' own: at a CPU's sizes the dense block mask is
-    small and SDPA as fast as FlexAttention, which compiles first (``bench/RESULTS.md``). flex:
-    FlexAttention for the teacher, and for the student wherever its backward runs (FlexAttention has
-    none on a CPU, torch 2.13).
+    small. flex: FlexAttention, on CUDA only (``ValueError`` elsewhere): on a CPU it has no backward
+    (torch 2.13), and once the packed length changes its kernels recompile for dynamic shapes,
+    which inductor's CPU code generation fails to build (a C++ compile error).
     """
     if setting not in ("auto", "flex", "model"):
         raise ValueError(f"packed attention: {setting!r} is not one of auto, flex, model")
+    if setting == "flex" and device.type != "cuda":
+        raise ValueError(f"flex needs CUDA (this run is on {device.type}): on a CPU FlexAttention has no backward and its "
+                         "kernels fail to compile once the packed length changes; use auto or model")
     if setting == "model" or (setting == "auto" and (model_attention == "flash_attention_2" or device.type != "cuda")):
         return PackedAttention("model", "model")
-    if device.type != "cuda":
-        return PackedAttention("flex", "model", "FlexAttention has no backward on a CPU")
     if student_samples:
         return PackedAttention("flex", "model", "the student also samples the rollouts with a KV cache")
     return PackedAttention("flex", "flex")
