@@ -21,7 +21,8 @@ from vaopd.scoring import Scorer
 from vaopd.strategy import FSDP, SingleProcess, Strategy, inference_copy, rollout_dtype
 from vaopd.tiny import is_tiny
 
-__all__ = ["Setup", "build_rollout", "build_scorer", "packed_attention", "apply_packed_attention", "longest_prompt_bound", "build_vllm_rollout", "build_setup"]
+__all__ = ["Setup", "build_rollout", "build_scorer", "packed_attention", "apply_packed_attention", "longest_prompt_bound",
+           "build_vllm_rollout", "build_setup"]
 
 
 @dataclass
