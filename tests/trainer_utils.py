@@ -12,17 +12,20 @@ from PIL import Image
 from vaopd.config import load_config
 
 
-def tiny_overrides(tmp_path, name: str = "run") -> list[str]:
-    """The tiny default shrunk for tests (2 prompts x 2 responses, 6 new tokens, no validation).
+# The tiny default shrunk for tests, without a run folder: 2 steps of 2 prompts x 2 responses, no
+# validation. Pinned to the CPU in fp32 so the equalities the tests check hold on a GPU machine too.
+# The run-folder tests use it as is (responses of at most 4 new tokens, the default checkpointing,
+# optimiser and warm-up).
+TINY = ["train.device=cpu", "train.precision=fp32", "train.prompts_per_step=2", "train.max_steps=2",
+        "rollout.samples_per_prompt=2", "rollout.max_new_tokens=4", "data.tiny_train_size=8", "data.val=",
+        "log.progress=false"]
 
-    Pinned to the CPU in fp32 so the equalities the tests check hold on a GPU machine too.
-    """
-    return [
-        "train.device=cpu", "train.precision=fp32",
-        f"train.run_dir={tmp_path / name}", "train.prompts_per_step=2", "train.max_steps=2",
-        "train.checkpoint_every=0", "rollout.samples_per_prompt=2", "rollout.max_new_tokens=6",
-        "data.tiny_train_size=8", "data.val=", "log.progress=false", "optim.lr=1e-3", "optim.warmup_ratio=0",
-    ]
+
+def tiny_overrides(tmp_path, name: str = "run") -> list[str]:
+    """``TINY`` in ``tmp_path / name`` with 6 new tokens, checkpoints only at the end, lr 1e-3 and
+    no warm-up (a visible update in a step or two)."""
+    return [*TINY, f"train.run_dir={tmp_path / name}", "train.checkpoint_every=0", "rollout.max_new_tokens=6",
+            "optim.lr=1e-3", "optim.warmup_ratio=0"]
 
 
 def tiny_config(tmp_path, *overrides: str, name: str = "run"):
@@ -39,13 +42,6 @@ def validating_config(tmp_path, *overrides: str):
     """``tiny_config`` validating on 2 tiny questions (1 sample each) after every one of 3 steps."""
     return tiny_config(tmp_path, "data.val=tiny", "data.tiny_val_size=2", "eval.samples=1", "train.max_steps=3",
                        "eval.every=1", *overrides)
-
-
-# The run-folder tests' settings, without a run folder: 2 steps of 2 prompts x 2 responses of at most
-# 4 new tokens, the default checkpointing, optimiser and warm-up.
-TINY = ["train.device=cpu", "train.precision=fp32", "train.prompts_per_step=2", "train.max_steps=2",
-        "rollout.samples_per_prompt=2", "rollout.max_new_tokens=4", "data.tiny_train_size=8", "data.val=",
-        "log.progress=false"]
 
 
 def folder_hash(path) -> dict:
