@@ -15,15 +15,13 @@ from vaopd.rollout import response_mask
 from vaopd.scoring import Scorer
 
 
-def _step(tmp_path, packed: bool, *overrides: str, setups: list | None = None):
+def _step(tmp_path, packed: bool):
     """One step of 2 prompts x 3 responses of designed lengths (6, 2, 5 / 1, 6, 3 tokens, EOS
     inside or truncated) with packed or padded scoring; returns the record and the gradients the
-    step clipped (before the optimizer moved anything). ``setups`` receives the step's ``Setup``."""
-    cfg = tiny_config(tmp_path, "rollout.samples_per_prompt=3", f"train.packed_scoring={str(packed).lower()}", *overrides,
-                      name=f"packed_{packed}_{len(overrides)}")
+    step clipped (before the optimizer moved anything)."""
+    cfg = tiny_config(tmp_path, "rollout.samples_per_prompt=3", f"train.packed_scoring={str(packed).lower()}",
+                      name=f"packed_{packed}")
     setup = build_mod.build_setup(cfg, torch.device("cpu"))
-    if setups is not None:
-        setups.append(setup)
     assert isinstance(setup.scorer, PackedScorer) == packed and isinstance(setup.scorer, Scorer)
     eos, pad = setup.eos_ids[0], setup.tokenizer.pad_token_id
     lengths = [6, 2, 5, 1, 6, 3]
@@ -54,7 +52,9 @@ def _step(tmp_path, packed: bool, *overrides: str, setups: list | None = None):
     return record, grads
 
 
-def _assert_same_step(packed, packed_grads, padded, padded_grads):
+def test_packed_scoring_step_equals_the_padded_step(tmp_path):
+    padded, padded_grads = _step(tmp_path, packed=False)
+    packed, packed_grads = _step(tmp_path, packed=True)
     assert not padded["skipped"] and not packed["skipped"]
     assert packed["response_len"] == padded["response_len"] == 23 / 6
     for key in ("loss", "kl", "va", "grad_norm"):
@@ -64,12 +64,6 @@ def _assert_same_step(packed, packed_grads, padded, padded_grads):
         scale = float(g.abs().max()) or 1.0
         assert float((packed_grads[name] - g).abs().max()) <= 1e-4 * scale, name
     assert any(float(g.abs().max()) > 0 for n, g in padded_grads.items() if "visual" in n)  # through the image too
-
-
-def test_packed_scoring_step_equals_the_padded_step(tmp_path):
-    padded, padded_grads = _step(tmp_path, packed=False)
-    packed, packed_grads = _step(tmp_path, packed=True)
-    _assert_same_step(packed, packed_grads, padded, padded_grads)
     # Packed passes compute only the needed positions; padded ones pad responses to 6 tokens.
     assert packed["scoring_padding"] == 1.0 and padded["scoring_padding"] > 1.05
     assert packed["decode_ms"] is None and packed["graphs_compiled"] is None  # this engine measures nothing
