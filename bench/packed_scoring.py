@@ -130,8 +130,8 @@ def main(argv=None) -> int:
     if device.type == "cuda":
         use_flex_attention(student)
         rows.append(packed_row("packed, FlexAttention (teacher and student)", mask))
-        # Another packed length, as the next micro-batch brings: the kernels recompile once for
-        # dynamic shapes (torch.compile's automatic dynamic), after which any length runs as is.
+        # Another packed length, as the next micro-batch brings: the kernels recompile for dynamic
+        # shapes (torch.compile's automatic dynamic shapes), the build that fails on a CPU.
         shorter = mask.clone()
         shorter[-1, max(int(mask[-1].sum()) - 7, 1):] = False
         rows.append(packed_row("packed, FlexAttention, another packed length (recompiles once)", shorter))

@@ -137,8 +137,9 @@ def packed_teacher_hidden(teacher, packed: Packed, ablated_pixels: torch.Tensor 
 def use_flex_attention(model) -> None:
     """Run the text model of ``model`` (a ``*ForConditionalGeneration``) on FlexAttention: packed
     sequences get a block mask built from the restarting positions, never a dense one. The vision
-    tower keeps its attention. FlexAttention compiles its kernels on first use (and once more when
-    the packed length first changes, after which the compiled kernels take any length)."""
+    tower keeps its attention. FlexAttention compiles its kernels on first use, and again for
+    dynamic shapes when the packed length first changes (torch.compile's automatic dynamic shapes;
+    on a CPU that second build fails, on a GPU ``bench/gpu_check.sh`` checks it)."""
     from transformers import AttentionInterface
     from transformers.integrations.flex_attention import flex_attention_forward
     from transformers.masking_utils import AttentionMaskInterface, flex_attention_mask
